@@ -1,0 +1,26 @@
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Paddle's bundled MKL takes a slow path on AMD unless told; set before paddle is imported.
+export OMP_NUM_THREADS ?= 2
+export MKL_DEBUG_CPU_TYPE ?= 5
+
+.PHONY: venv test parity demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+parity: $(STAMP)
+	$(VPY) -m parity --arch all --dtype float64
+	$(VPY) -m parity --arch all --dtype float32
+
+clean:
+	rm -rf $(VENV)
