@@ -4,7 +4,7 @@ import paddle.distributed as dist
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .layers import BatchNorm1D, Linear
+from .layers import BatchNorm1D, Linear, model_parameters
 
 
 class MoCo(nn.Layer):
@@ -25,7 +25,7 @@ class MoCo(nn.Layer):
         self.base_encoder = base_encoder(num_classes=mlp_dim)
         self.momentum_encoder = base_encoder(num_classes=mlp_dim)
         self._build_projector_and_predictor_mlps(dim, mlp_dim)
-        for param_b, param_m in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
+        for param_b, param_m in zip(model_parameters(self.base_encoder), model_parameters(self.momentum_encoder)):
             param_m.set_value(param_b)  # initialize
             param_m.stop_gradient = True  # not update by gradient
 
@@ -49,7 +49,7 @@ class MoCo(nn.Layer):
     @paddle.no_grad()
     def _update_momentum_encoder(self, m):
         """Momentum update of the momentum encoder"""
-        for param_b, param_m in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
+        for param_b, param_m in zip(model_parameters(self.base_encoder), model_parameters(self.momentum_encoder)):
             param_m.set_value(param_m * m + param_b * (1. - m))
 
     def contrastive_loss(self, q, k):

@@ -27,3 +27,13 @@ def build_moco(arch, dim=256, mlp_dim=4096, T=1.0, img_size=224, stop_grad_conv1
     enc = encoder_factory(arch, img_size=img_size, stop_grad_conv1=stop_grad_conv1, **vit_kwargs)
     cls = builder.MoCo_ViT if arch in VIT_ARCHS else builder.MoCo_ResNet
     return cls(enc, dim, mlp_dim, T)
+
+
+def backbone_features(encoder, x):
+    """The representation before the head/fc: ViT class token after the final norm; ResNet pooled."""
+    if hasattr(encoder, 'forward_features'):
+        return encoder.forward_features(x)[:, 0]
+    e = encoder
+    x = e.maxpool(e.relu(e.bn1(e.conv1(x))))
+    x = e.layer4(e.layer3(e.layer2(e.layer1(x))))
+    return e.avgpool(x).flatten(1)

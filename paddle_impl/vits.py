@@ -12,7 +12,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .layers import BatchNorm2D, torch_default_init_
+from .layers import BatchNorm2D, LayerNorm, torch_default_init_
 
 __all__ = ['vit_small', 'vit_base', 'vit_conv_small', 'vit_conv_base', 'vit_large', 'vit_huge',
            'VisionTransformerMoCo', 'ConvStem', 'PatchEmbed', 'build_2d_sincos_position_embedding',
@@ -157,9 +157,9 @@ class DropPath(nn.Layer):
 class Block(nn.Layer):
     def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=True, drop_path=0.):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, epsilon=1e-6)
+        self.norm1 = LayerNorm(dim, epsilon=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, epsilon=1e-6)
+        self.norm2 = LayerNorm(dim, epsilon=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -186,7 +186,7 @@ class VisionTransformerMoCo(nn.Layer):
         self.pos_embed.stop_gradient = True  # fixed, not trained
         dpr = [float(x) for x in paddle.linspace(0, drop_path_rate, depth).numpy()] if depth > 1 else [drop_path_rate]
         self.blocks = nn.LayerList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i]) for i in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, epsilon=1e-6)
+        self.norm = LayerNorm(embed_dim, epsilon=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
         # MoCo v3 weight init
