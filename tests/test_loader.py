@@ -1,7 +1,7 @@
 """paddle_impl/loader.py against torchvision (through torch_ref/loader.py), given the same random parameters.
 
 Every image operation of the Paddle side is compared with torchvision's own transform object, whose
-random draw is replaced by the parameters the Paddle side drew. Measured on pillow 12 / torchvision 0.29:
+random draw is replaced by the parameters the Paddle side drew. Measured on pillow 13.0 / torchvision 0.29.1:
 all PIL-stage outputs are bit-identical (max abs diff 0 of 255) and the float32 outputs of
 ToTensor/Normalize are bit-identical too (max abs diff 0.0); the tests demand exactly that for PIL images
 and allow 1e-6 on the float arrays. Random parameters are checked by distribution against torchvision's
