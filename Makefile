@@ -19,8 +19,12 @@ test: $(STAMP)
 	$(VPY) -m pytest -q tests
 
 parity: $(STAMP)
-	$(VPY) -m parity --arch all --dtype float64
-	$(VPY) -m parity --arch all --dtype float32
+	mkdir -p out
+	$(VPY) -m parity --arch all --dtype float64 --json out/parity_float64.json
+	$(VPY) -m parity --arch all --dtype float32 --json out/parity_float32.json --no-init
+	$(VPY) -m parity --arch resnet50 --steps 10 --optimizer lars --dtype both --json out/parity_steps_lars.json
+	$(VPY) -m parity --arch vit_small --steps 10 --optimizer adamw --dtype both --json out/parity_steps_adamw.json
+	$(VPY) -m parity.summary out/parity_float64.json out/parity_float32.json out/parity_steps_lars.json out/parity_steps_adamw.json
 
 clean:
 	rm -rf $(VENV)
