@@ -50,9 +50,10 @@ def _check_folder(path):
     return folder
 
 
-def atomic_write(path, write_fn):
+def atomic_write(path, write_fn, before_replace=None):
     """Call ``write_fn(binary_file)`` on a temporary file in the target folder, fsync it and rename it onto
-    ``path``. On any failure nothing is left behind and an existing ``path`` is untouched."""
+    ``path``. ``before_replace(tmp_path)``, if given, may check the written file first (raise to abort).
+    On any failure nothing is left behind and an existing ``path`` is untouched."""
     path = os.fspath(path)
     folder = _check_folder(path)
     try:
@@ -67,6 +68,8 @@ def atomic_write(path, write_fn):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         try:
@@ -114,19 +117,19 @@ def to_plain(obj, where='checkpoint'):
                           f'(only containers, numbers, strings and arrays)')
 
 
-def save_checkpoint(obj, path, metadata=None):
+def save_checkpoint(obj, path, metadata=None, before_replace=None):
     """Write ``obj`` to ``path`` atomically. ``.safetensors``: ``obj`` must be a flat dict of arrays
     (``metadata``: str -> str). Anything else: our safe pickle (see the module doc)."""
     path = os.fspath(path)
     if path.endswith('.safetensors'):
-        return save_safetensors(obj, path, metadata)
+        return save_safetensors(obj, path, metadata, before_replace)
     if metadata:
         raise CheckpointError(f"'{path}': metadata is only for .safetensors; put it inside the dict")
     plain = to_plain(obj, os.path.basename(path))
-    atomic_write(path, lambda f: pickle.dump(plain, f, protocol=PICKLE_PROTOCOL))
+    atomic_write(path, lambda f: pickle.dump(plain, f, protocol=PICKLE_PROTOCOL), before_replace)
 
 
-def save_safetensors(tensors, path, metadata=None):
+def save_safetensors(tensors, path, metadata=None, before_replace=None):
     from safetensors.numpy import save
     if not isinstance(tensors, dict):
         raise CheckpointError(f"'{path}': .safetensors holds a flat dict name -> array, got {type(tensors).__name__}")
@@ -135,12 +138,12 @@ def save_safetensors(tensors, path, metadata=None):
         v = to_plain(v, f'{path}[{k!r}]')
         if not isinstance(k, str) or not isinstance(v, (np.ndarray, np.generic)):
             raise CheckpointError(f"'{path}': .safetensors holds only arrays; entry {k!r} is a {type(v).__name__}")
-        arrays[k] = np.ascontiguousarray(v)
+        arrays[k] = np.asarray(v) if np.asarray(v).flags.c_contiguous else np.asarray(v).copy(order="C")
     meta = None
     if metadata:
         meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     data = save(arrays, metadata=meta)
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data), before_replace)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -426,6 +429,8 @@ class _TorchUnpickler(_SafeUnpickler):
             return _StorageType(np.uint8)
         if module == 'torch' and name == 'Size':
             return _tuple
+        if module == 'argparse' and name == 'Namespace':  # DeiT checkpoints carry their args
+            return _Namespace
         return super().find_class(module, name)
 
     def persistent_load(self, pid):
@@ -450,6 +455,31 @@ class _TorchUnpickler(_SafeUnpickler):
         if not isinstance(storage, _Storage) or not isinstance(dtype, _TorchDtype):
             raise pickle.UnpicklingError('tensor without a storage')
         return _strided(storage, storage_offset, size, stride, self._path, dtype.dtype)
+
+
+class _Namespace(dict):
+    """argparse.Namespace as pickled (NEWOBJ + BUILD of its __dict__), rebuilt as a plain dict."""
+
+    def __new__(cls, *args, **kwargs):
+        return dict.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        dict.__init__(self, **{k: v for k, v in kwargs.items()})
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.update(state)
+
+
+def _plain_namespaces(obj):
+    if isinstance(obj, dict):
+        base = dict if isinstance(obj, _Namespace) else type(obj)
+        return base((k, _plain_namespaces(v)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [_plain_namespaces(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_plain_namespaces(v) for v in obj)
+    return obj
 
 
 class _LazyStorages(dict):
@@ -501,7 +531,7 @@ def load_torch_file_safe(path):
             raise CheckpointError(f"'{path}' was saved on a big-endian machine; not supported")
         obj = _unpickle(data, path, _TorchUnpickler, storages=_LazyStorages(zf, prefix, path))
     _check_no_objects(obj, path)
-    return obj
+    return _plain_namespaces(obj)
 
 
 def _main(argv=None):  # python -m paddle_impl.io FILE: a quick look inside a checkpoint, safely
