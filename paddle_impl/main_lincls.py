@@ -430,14 +430,16 @@ class SGD:
             p.subtract_(self.lr * g)
 
     def state_dict(self):
-        return {'type': 'SGD', 'lr': self.lr, 'momentum': self.momentum, 'weight_decay': self.weight_decay,
-                'momentum_buffer': {k: v.numpy() for k, v in self.buffers.items()}}
+        """The Paddle trainers' optimizer form (paddle_impl.utils.optimizer_state; convert/ maps it to and from
+        torch's SGD state): momentum buffers keyed by parameter name, in the Paddle layout."""
+        return {'type': 'Momentum', 'lr': self.lr, 'momentum': self.momentum, 'weight_decay': self.weight_decay,
+                'accumulators': {'velocity': {k: v.numpy() for k, v in self.buffers.items()}}}
 
     def set_state_dict(self, state):
-        if not isinstance(state, dict) or state.get('type') != 'SGD':
-            raise ValueError('the optimizer state is not the SGD state of main_lincls')
+        if not isinstance(state, dict) or state.get('type') != 'Momentum' or 'accumulators' not in state:
+            raise ValueError('the optimizer state is not an SGD-with-momentum state')
         names = {n: p for n, p in self.params}
-        for k, v in (state.get('momentum_buffer') or {}).items():
+        for k, v in (state['accumulators'].get('velocity') or {}).items():
             if k not in names:
                 raise ValueError(f"optimizer state names parameter '{k}', which is not the classifier's")
             v = np.asarray(v)
@@ -556,15 +558,21 @@ def read_resume(path):
         raise RunError(f"--resume '{path}' is a fine-tuning checkpoint (main_finetune), not a "
                        f"linear-classification one")
     try:
-        from convert.checkpoints import paddle_state_dict, read_checkpoint
-        ck = read_checkpoint(path, kind='linear')
+        from convert import checkpoints as conv
+        ck = conv.read_checkpoint(path, kind='linear')
     except ImportError as e:
         raise RunError(f"--resume '{path}' is not our checkpoint and convert/ cannot be imported: {e}") from None
     except pio.CheckpointError as e:
         raise RunError(f'--resume: {e}') from None
-    sd, _ = paddle_state_dict(ck)
+    sd, _ = conv.paddle_state_dict(ck)
+    opt = None
+    if ck.optimizer is not None:  # the official SGD state (2 parameters) -> momentum buffers by name
+        try:
+            opt = conv.optimizer_to_paddle(ck)
+        except Exception:  # an optimizer convert cannot map: the weights still load
+            opt = None
     meta = {'epoch': ck.epoch, 'arch': ck.arch, 'img_size': ck.img_size, 'num_classes': ck.num_classes,
-            'best_acc1': ck.best_acc1, 'optimizer': None, 'vit_kwargs': {}, 'foreign': ck.describe()}
+            'best_acc1': ck.best_acc1, 'optimizer': opt, 'vit_kwargs': {}, 'foreign': ck.describe()}
     return sd, meta
 
 
@@ -677,7 +685,7 @@ def run(args):
         start_epoch = int(_num(resume_meta.get('epoch')) or 0)
         best_acc1 = float(_num(resume_meta.get('best_acc1')) or 0.)
         opt_state = resume_meta.get('optimizer')
-        if isinstance(opt_state, dict) and opt_state.get('type') == 'SGD':
+        if isinstance(opt_state, dict) and opt_state.get('type') == 'Momentum':
             try:
                 optimizer.set_state_dict(opt_state)
             except ValueError as e:

@@ -188,7 +188,7 @@ def test_sgd_state_round_trip():
     opt2 = ml.SGD(list(layer.named_parameters()), 0.5, 0.9, 1e-4)
     opt2.set_state_dict(state)
     assert opt2.get_lr() == 0.1
-    for k in state['momentum_buffer']:
+    for k in state['accumulators']['velocity']:
         assert np.array_equal(opt2.buffers[k].numpy(), opt.buffers[k].numpy())
 
 
@@ -282,10 +282,17 @@ def test_official_torch_files(world, tmp_path, capsys):
     pre = tmp_path / 'vit-s-300ep.pth.tar'
     torch.save({'epoch': 300, 'arch': 'vit_small', 'state_dict': sd, 'optimizer': {}, 'scaler': {}}, pre)
     enc = tm.encoder_factory('vit_small', img_size=32)(num_classes=3)
+    tl.prepare_linear_classifier(enc, 'vit_small')
     tl.load_pretrained(enc, sd, 'vit_small')
+    opt, _ = tl.build_optimizer(enc, 3.0, 8)  # one official SGD step, so that the file holds momentum buffers
+    tl.train([(torch.randn(2, 3, 32, 32), torch.tensor([0, 2]))], enc, torch.nn.CrossEntropyLoss(), opt)
     lin = tmp_path / 'linear-vit-s-300ep.pth.tar'
     torch.save({'epoch': 90, 'arch': 'vit_small', 'state_dict': {'module.' + k: v for k, v in enc.state_dict().items()},
-                'best_acc1': 10.0, 'optimizer': {}}, lin)
+                'best_acc1': 10.0, 'optimizer': opt.state_dict()}, lin)
+    _, meta = ml.read_resume(str(lin))  # the official SGD state, as momentum buffers by parameter name
+    vel = meta['optimizer']['accumulators']['velocity']
+    assert np.array_equal(vel['head.weight'], opt.state[enc.head.weight]['momentum_buffer'].numpy().T)
+    assert np.array_equal(vel['head.bias'], opt.state[enc.head.bias]['momentum_buffer'].numpy())
 
     rc, err = call_main(ml.main, [world['data'], '-a', 'vit_small', '--pretrained', lin, '-j', 0], capsys)
     assert rc == 2 and len(err) == 1 and 'linear-classification' in err[0] and 'pre-training' in err[0], err
@@ -311,3 +318,19 @@ def test_linear_probe_random_backbone(world):
     out = ml.linear_probe(world['data'], pretrained=None, arch='vit_small', epochs=1, batch_size=8, img_size=32,
                           vit_kwargs=TINY_VIT)
     assert out['epochs_done'] == 1 and out['num_classes'] == 3 and 'model' not in out
+
+
+def test_resume_continues_exactly(world, tmp_path):
+    """2 epochs in one run == 1 epoch, then --resume for the second (classifier and momentum buffers bit for bit)."""
+    base = [world['data'], '-a', 'vit_small', '--pretrained', world['pretrain'], '-b', 8, '-j', 0, '--seed', 5]
+
+    def run(*extra):
+        return ml.run(ml.get_parser().parse_args([str(v) for v in base + list(extra)]))
+    a = run('--epochs', 2, '--output-dir', tmp_path / 'a')
+    run('--epochs', 1, '--output-dir', tmp_path / 'b')
+    b = run('--epochs', 2, '--output-dir', tmp_path / 'b', '--resume', tmp_path / 'b' / 'checkpoint.pdparams')
+    assert np.array_equal(a['model'].head.weight.numpy(), b['model'].head.weight.numpy())
+    ca = pio.load_checkpoint(str(tmp_path / 'a' / 'checkpoint.pdparams'))
+    cb = pio.load_checkpoint(str(tmp_path / 'b' / 'checkpoint.pdparams'))
+    va, vb = ca['optimizer']['accumulators']['velocity'], cb['optimizer']['accumulators']['velocity']
+    assert all(np.array_equal(va[k], vb[k]) for k in va) and ca['best_acc1'] == cb['best_acc1']

@@ -86,6 +86,11 @@ def accuracy(output, target, topk=(1,)):
         return res
 
 
+def _capped(topk, output):
+    # the official code needs at least 5 classes for top-5; smaller test sets get top-min(k, classes)
+    return tuple(min(k, output.size(1)) for k in topk)
+
+
 def train(train_loader, model, criterion, optimizer, topk=(1, 5)):
     """One epoch as the official train(): model.eval() (BN frozen), forward, CE, SGD step.
     Returns the per-iteration (loss, acc1, acc5) values."""
@@ -94,7 +99,7 @@ def train(train_loader, model, criterion, optimizer, topk=(1, 5)):
     for images, target in train_loader:
         output = model(images)
         loss = criterion(output, target)
-        acc1, acc5 = accuracy(output, target, topk=topk)
+        acc1, acc5 = accuracy(output, target, topk=_capped(topk, output))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -110,7 +115,7 @@ def validate(val_loader, model, criterion, topk=(1, 5)):
         for images, target in val_loader:
             output = model(images)
             loss = criterion(output, target)
-            acc1, acc5 = accuracy(output, target, topk=topk)
+            acc1, acc5 = accuracy(output, target, topk=_capped(topk, output))
             b = images.size(0)
             n += b
             loss_sum += loss.item() * b
