@@ -5,6 +5,8 @@ STAMP := $(VENV)/.installed
 # Paddle's bundled MKL takes a slow path on AMD unless told; set before paddle is imported.
 export OMP_NUM_THREADS ?= 2
 export MKL_DEBUG_CPU_TYPE ?= 5
+# torch and paddle in one process (parity, tests): idle OpenMP threads sleep instead of spinning
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv test parity demo bench clean
 

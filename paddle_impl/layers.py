@@ -30,6 +30,8 @@ class _UnbiasedVarMixin:
         return int(x.numel()) // int(x.shape[1])
 
     def forward(self, x):
+        if x.dtype == paddle.float64:
+            return self._forward_float64(x)
         if not self.training or self._use_global_stats:
             return super().forward(x)
         old_mean, old_var = self._mean.clone(), self._variance.clone()
@@ -44,6 +46,32 @@ class _UnbiasedVarMixin:
             mom = self._torch_momentum
             self._mean.set_value((1.0 - mom) * old_mean + mom * batch_mean)
             self._variance.set_value((1.0 - mom) * old_var + mom * batch_var)
+        return y
+
+    def _forward_float64(self, x):
+        """BN from its definition, so that epsilon stays a float64 number (the kernel holds it as float32:
+        1e-5 -> 9.99999975e-6, visible in float64 where a channel's variance is near epsilon)."""
+        C = int(x.shape[1])
+        shape = [1, C] + [1] * (x.ndim - 2)
+        axes = [0] + list(range(2, x.ndim))
+        if self.training and not self._use_global_stats:
+            mean = x.mean(axis=axes)
+            xc = x - mean.reshape(shape)
+            var = (xc * xc).mean(axis=axes)
+            n = self._reduce_count(x)
+            mom = self._torch_momentum
+            with paddle.no_grad():
+                unbiased = var.detach() * (n / (n - 1)) if n > 1 else var.detach()
+                self._mean.set_value((1.0 - mom) * self._mean + mom * mean.detach())
+                self._variance.set_value((1.0 - mom) * self._variance + mom * unbiased)
+        else:
+            xc = x - self._mean.reshape(shape)
+            var = self._variance
+        y = xc / paddle.sqrt(var.reshape(shape) + self._epsilon)
+        if self.weight is not None:
+            y = y * self.weight.reshape(shape)
+        if self.bias is not None:
+            y = y + self.bias.reshape(shape)
         return y
 
 

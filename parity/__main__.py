@@ -11,6 +11,8 @@ import sys
 import time
 
 os.environ.setdefault('OMP_NUM_THREADS', str(os.cpu_count() or 1))
+# torch and paddle in one process: idle OpenMP threads must sleep, not spin, or each slows the other
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import paddle_impl  # noqa: E402,F401  (sets Paddle's CPU defaults before paddle is imported)
 from torch_ref.models import ARCHS, VIT_ARCHS  # noqa: E402
 

@@ -32,15 +32,9 @@ def _paddle_bn_float64_exact():
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref)) < 1e-13
 
 
-BN_EXACT = _paddle_bn_float64_exact()
-# Without a float64-exact BN the ViT outcome depends on the configuration (measured: vit_small depth 4
-# passes at exp_avg 5e-10, depth 2 and 12 fail at 2e-7 and 3e-8), hence not strict. With it (BN computed
-# from its definition in float64, as paddle_impl.layers.LayerNorm is), these tests are enforced; measured
-# then: vit_small depth 12 params 1.2e-11, exp_avg 6.1e-11; vit_conv_small depth 2 exp_avg 1.1e-11.
-needs_exact_bn = pytest.mark.xfail(
-    not BN_EXACT, strict=False,
-    reason='paddle_impl BatchNorm uses a float32 epsilon in float64 (Paddle kernel attribute); '
-           'the ViT K-step float64 check needs the float64-exact BN (see _paddle_bn_float64_exact)')
+def test_paddle_bn_float64_exact():
+    """The ViT K-step float64 checks below rely on it (measured without it: exp_avg off by 2e-7)."""
+    assert _paddle_bn_float64_exact()
 
 
 def _show(rows, title):
@@ -64,7 +58,6 @@ def test_resnet50_lars_float64_10_steps():
     assert _row(rows, 'final params: base_encoder').rel_l2 <= 1e-9
 
 
-@needs_exact_bn
 def test_vit_small_adamw_float64_10_steps():
     # vit_small widths (384, 12 heads) at img 32 with 4 of its 12 blocks, to stay near a minute on 2 cores
     rows = run_steps('vit_small', 'adamw', steps=10, dtype='float64', stop_grad_conv1=True, per_step=False,
@@ -74,7 +67,6 @@ def test_vit_small_adamw_float64_10_steps():
     assert _row(rows, 'frozen params outside momentum enc bitwise unchanged').passed
 
 
-@needs_exact_bn
 def test_vit_conv_small_adamw_float64_10_steps():
     # depth 2: at depth 1 (seed 0) this trajectory is ill-conditioned, torch against itself with 1 vs 2
     # threads already drifts 3e-10 in 10 steps (exp_avg ~1e-9), too close to the tolerance
