@@ -20,7 +20,10 @@ Output (rank 0 only), in --output-dir:
                             the newest state, which --resume auto picks.
       keys: format, kind ('pretrain'), img_size, epoch, iteration, global_step, arch, state_dict (MoCo model, no 'module.' prefix), optimizer
             (state keyed by parameter names, utils.optimizer_state), scaler, args, rng (python / numpy /
-            paddle generators), data_seed, iters_per_epoch, world_size, batch_size, format.
+            paddle generators), data_seed, iters_per_epoch, world_size, batch_size, global_batch,
+            sampler_total_size, num_images, format. A run on another number of processes resumes a checkpoint
+            saved in mid-epoch exactly when its global batches are the same (same_batch_order), else it
+            restarts that epoch.
       Files are written atomically (paddle_impl.io.save_checkpoint) and read without running code.
   metrics.jsonl             one JSON object per logged step ({"type": "step", ...}) and per epoch
                             ({"type": "epoch", ...}); a resumed run drops the records after its checkpoint.
@@ -64,6 +67,7 @@ def _import_paddle_quietly():
 _import_paddle_quietly()
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
@@ -343,6 +347,63 @@ def _shared_int(value):
     return int(t.item())
 
 
+def _all_gather_json(obj):
+    """``obj`` (JSON-able) of every rank, in rank order ([obj] on one process). Sent as JSON bytes in uint8
+    tensors: nothing is unpickled."""
+    if utils.world_size() <= 1:
+        return [obj]
+    data = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), dtype=np.uint8)
+    sizes = []
+    dist.all_gather(sizes, paddle.to_tensor([data.size], dtype='int64'))
+    sizes = [int(s.item()) for s in sizes]
+    buf = np.zeros(max(sizes), dtype=np.uint8)
+    buf[:data.size] = data
+    parts = []
+    dist.all_gather(parts, paddle.to_tensor(buf))
+    return [json.loads(bytes(p.numpy()[:n]).decode()) for p, n in zip(parts, sizes)]
+
+
+# flags that may differ between processes (e.g. a data path mounted elsewhere on another node); everything
+# else must be the same on every process, or the processes would run different loops and wait on each other
+LOCAL_ARGS = ('data', 'output_dir', 'workers', 'print_freq', 'resume')
+
+
+def run_settings(args, device, amp):
+    s = {k: v for k, v in vars(args).items() if k not in LOCAL_ARGS}
+    s.update(device=device, amp=bool(amp))
+    return s
+
+
+def check_agreement(what, values, hint, as_flags=False):
+    """Raise RunError, on every rank alike, unless every process holds the same ``values`` (a JSON-able dict).
+    Several processes that disagree (on the arch, the batch size, the data, the resume point) would otherwise
+    build different models or run loops of different lengths and wait on each other's collectives."""
+    everyone = _all_gather_json(values)
+    diffs = []
+    for r, other in enumerate(everyone[1:], start=1):
+        for k in sorted(set(everyone[0]) | set(other)):
+            if everyone[0].get(k) != other.get(k):
+                name = '--' + k.replace('_', '-') if as_flags else k
+                diffs.append(f'{name}: rank 0 {everyone[0].get(k)!r}, rank {r} {other.get(k)!r}')
+    if diffs:
+        shown = '; '.join(diffs[:4]) + (f' (+{len(diffs) - 4} more)' if len(diffs) > 4 else '')
+        raise RunError(f'the {len(everyone)} processes disagree on {what}: {shown}; {hint}')
+
+
+def same_batch_order(ckpt, iters_per_epoch, world, global_batch, total_size):
+    """Whether this run takes the checkpointed run's global batches of an epoch, in the same order, so that a
+    resume in mid-epoch can skip the batches done. DistributedBatchSampler pads the index list to
+    ``total_size`` (a multiple of the number of processes), shuffles it with a seed made of the epoch alone,
+    and gives step i the slice [i*global_batch, (i+1)*global_batch), rank r its r-th part; the images' views
+    depend only on (data seed, epoch, index). So the world size matters only through the padding and the
+    rounding of the batch per process; checkpoints from before these were saved fall back to 'same world'."""
+    if ckpt.get('iters_per_epoch') != iters_per_epoch:
+        return False
+    if 'sampler_total_size' in ckpt and 'global_batch' in ckpt:
+        return int(ckpt['sampler_total_size']) == total_size and int(ckpt['global_batch']) == global_batch
+    return ckpt.get('world_size') == world
+
+
 def _all_finite(layer):
     return all(bool(paddle.isfinite(p).all()) for p in layer.parameters())
 
@@ -361,6 +422,9 @@ def train(args):
         paddle.set_device('cpu')
     rank, world = utils.init_distributed()
     logger = utils.setup_logging(rank)
+    if world > 1:
+        check_agreement('their settings', run_settings(args, device, amp),
+                        'start every process with the same arguments', as_flags=True)
 
     traindir = train_folder(args.data)
     output_dir = os.path.abspath(args.output_dir)
@@ -438,13 +502,20 @@ def train(args):
         start_epoch = int(ckpt['epoch'])
         start_iter = int(ckpt.get('iteration', 0))
         global_step = int(ckpt.get('global_step', start_epoch * iters_per_epoch + start_iter))
-        if start_iter and (ckpt.get('iters_per_epoch') != iters_per_epoch or ckpt.get('world_size') != world):
+        if start_iter and not same_batch_order(ckpt, iters_per_epoch, world, per_proc * world, sampler.total_size):
             logger.warning(f'checkpoint saved in mid-epoch with {ckpt.get("iters_per_epoch")} iterations per '
                            f'epoch on {ckpt.get("world_size")} processes, this run has {iters_per_epoch} on '
-                           f'{world}: epoch {start_epoch} restarts from its first batch')
+                           f'{world} and other batches: epoch {start_epoch} restarts from its first batch')
             start_iter = 0
         logger.info(f"=> loaded checkpoint '{resume_path}' (epoch {start_epoch}, iteration {start_iter}, "
                     f'global step {global_step})')
+    if world > 1:
+        check_agreement('the data or the resume point',
+                        {'images': len(dataset), 'iterations per epoch': iters_per_epoch, 'data seed': data_seed,
+                         'start epoch': start_epoch, 'start iteration': start_iter, 'global step': global_step},
+                        'every process needs the same data set and the same checkpoint (--resume auto reads '
+                        "its node's --output-dir, which only rank 0 writes: on several nodes without a shared "
+                        'folder copy the file to each and pass --resume FILE)')
     if start_epoch >= args.epochs:
         logger.info(f'nothing to train: epoch {start_epoch} >= --epochs {args.epochs}')
         return {'model': model, 'epochs_done': start_epoch, 'steps': 0, 'checkpoint': resume_path,
@@ -495,7 +566,9 @@ def train(args):
                'global_step': global_step, 'arch': args.arch, 'state_dict': model_without_ddp.state_dict(),
                'optimizer': utils.optimizer_state(optimizer, model_without_ddp), 'scaler': scaler.state_dict(),
                'args': dict(vars(args)), 'rng': utils.rng_state(), 'data_seed': data_seed,
-               'iters_per_epoch': iters_per_epoch, 'world_size': world, 'batch_size': args.batch_size}
+               'iters_per_epoch': iters_per_epoch, 'world_size': world, 'batch_size': args.batch_size,
+               'global_batch': per_proc * world, 'sampler_total_size': sampler.total_size,
+               'num_images': len(dataset)}
         pio.save_checkpoint(obj, path)
         last_ckpt = path
         logger.info(f'saved {path} (epoch {ck_epoch}, iteration {iteration})')
