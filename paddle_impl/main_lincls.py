@@ -524,8 +524,9 @@ def evaluate(loader, model, criterion, topk=(1, 5)):
         t = paddle.to_tensor(sums, dtype='float64')
         dist.all_reduce(t)
         sums = t.numpy()
-    n = max(sums[3], 1)
-    return {'loss': sums[0] / n, 'acc1': 100.0 * sums[1] / n, 'acc5': 100.0 * sums[2] / n, 'count': int(sums[3])}
+    n = max(float(sums[3]), 1.0)
+    return {'loss': float(sums[0]) / n, 'acc1': 100.0 * float(sums[1]) / n, 'acc5': 100.0 * float(sums[2]) / n,
+            'count': int(sums[3])}
 
 
 def val_subset(dataset, rank, world):
