@@ -11,6 +11,12 @@ final norm) and classify val by 20-NN under cosine similarity (--probe: also a l
 The random-init baseline is the encoder built from the same seed, i.e. exactly the weights training
 started from. Raw pixels reach ~97% kNN on digits, so the fair comparison is before vs after.
 
+Measured here (2 shared cores, seed 0; 20-NN on 359 val digits): random init 73.8%; 10 epochs (the default)
+89.7% with 580 s of process CPU time, 44 s per epoch when the cores were nearly free (about 8 minutes in
+all); 12 epochs 91.6%. The full BYOL views (--aug byol) reached 86.4% at 10 epochs: crop + blur is the
+default. A logistic-regression probe (--probe) is ~95% already at random init on digits, so it does not
+show what pre-training adds; kNN does.
+
 Output: the results table on stdout and in OUT/results.json; the run (checkpoints, metrics.jsonl,
 curves.png, log.txt) in OUT/pretrain.
 """
@@ -72,7 +78,7 @@ def clean_run_dir(path):
 def get_parser():
     p = argparse.ArgumentParser(description='MoCo v3 digits demo on the CPU (pre-train, then kNN of frozen features)')
     p.add_argument('--out', default='demo_out', help='output folder (default: demo_out)')
-    p.add_argument('--epochs', default=12, type=int, help='pre-training epochs (default: 12)')
+    p.add_argument('--epochs', default=10, type=int, help='pre-training epochs (default: 10)')
     p.add_argument('-b', '--batch-size', default=128, type=int)
     p.add_argument('--lr', default=1.2e-3, type=float,
                    help='base lr, scaled by batch/256 as in main_moco (default 1.2e-3: 6e-4 at batch 128)')
