@@ -53,7 +53,8 @@ def test_init_distributions(arch):
 def test_real_size_224_float32(arch):
     """Real-size models at 224: forward features and the MoCo loss agree in float32."""
     tmod, pmod = scenarios.build_pair(arch, 'float32', img_size=224, dim=256, mlp_dim=4096, T=0.2)
-    x1, x2 = scenarios.inputs('float32', 2, 224, 0)
+    # batch 4: at 2, every BN1d output is ±1 and float32 rounding flips near-ties (measured 1.2e-3 on the loss)
+    x1, x2 = scenarios.inputs('float32', 4, 224, 0)
     tmod.train()
     pmod.train()
     with torch.no_grad():
