@@ -14,6 +14,9 @@ Formats
 
 Every failure (not a checkpoint, truncated, crafted pickle, missing folder ...) raises CheckpointError
 with one line naming the file.
+
+Test hook: the environment variable MOCO_DEBUG_SLOW_SAVE=SECONDS makes atomic_write wait that long between
+writing the temporary file and renaming it into place, so that a test can kill a process in mid-save.
 """
 import collections
 import io
@@ -23,6 +26,7 @@ import pickle
 import struct
 import sys
 import tempfile
+import time
 import zipfile
 
 import numpy as np
@@ -68,6 +72,8 @@ def atomic_write(path, write_fn, before_replace=None):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        if os.environ.get('MOCO_DEBUG_SLOW_SAVE'):  # test hook (module doc): a window to kill us in mid-save
+            time.sleep(float(os.environ['MOCO_DEBUG_SLOW_SAVE']))
         if before_replace is not None:
             before_replace(tmp)
         os.replace(tmp, path)

@@ -226,6 +226,8 @@ def check_args(args):
             raise RunError(f"--{flag.replace('_', '-')} must be positive, got {v}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise RunError(f'--lr must be positive, got {args.lr}')
+    if args.clip_grad is not None and not (args.clip_grad > 0 and math.isfinite(args.clip_grad)):
+        raise RunError(f'--clip-grad must be positive (it is a maximum gradient norm), got {args.clip_grad}')
     for flag in ('weight_decay', 'warmup_lr', 'min_lr', 'mixup', 'cutmix', 'reprob', 'smoothing', 'drop_path',
                  'color_jitter'):
         if getattr(args, flag) < 0:
@@ -344,7 +346,7 @@ def run(args):
     eval_criterion = nn.CrossEntropyLoss()
     train_tf, val_tf = fa.build_finetune_transforms(img_size, args.aa, args.reprob, args.color_jitter, args.remode,
                                                     args.recount)
-    val_dataset = data_mod.ImageFolder(valdir, val_tf)
+    val_dataset = lc.check_readable(data_mod.ImageFolder(valdir, val_tf))
     val_loader = paddle.io.DataLoader(lc.val_subset(val_dataset, rank, world), batch_size=max(per_proc, 1),
                                       shuffle=False, num_workers=args.workers)
     summary = {'model': model, 'output_dir': output_dir, 'num_classes': num_classes, 'img_size': img_size,
@@ -359,7 +361,7 @@ def run(args):
 
     data_seed = int(lc._num(ckpt['data_seed'])) if ckpt is not None and ckpt.get('data_seed') is not None \
         else args.seed
-    train_dataset = data_mod.ImageFolder(traindir, train_tf, seed=data_seed)
+    train_dataset = lc.check_readable(data_mod.ImageFolder(traindir, train_tf, seed=data_seed))
     sampler = paddle.io.DistributedBatchSampler(train_dataset, batch_size=per_proc, shuffle=True, drop_last=True,
                                                 num_replicas=world, rank=rank)
     if len(sampler) == 0:

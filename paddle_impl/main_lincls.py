@@ -204,6 +204,19 @@ def data_folders(data, need_train=True):
     return traindir, valdir
 
 
+def check_readable(dataset):
+    """Read one sample here, in this thread: a folder without any readable image fails now with one line
+    (DataError), not inside Paddle's DataLoader, whose -j 0 reader thread dies and leaves the loop waiting
+    forever. The warnings about the unreadable files met on the way are shown only if one is found."""
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always', data_mod.CorruptImageWarning)
+        dataset[0]
+    for w in seen:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return dataset
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -698,7 +711,7 @@ def run(args):
 
     criterion = nn.CrossEntropyLoss()
     _, val_transform = loader_mod.build_lincls_transforms(img_size)
-    val_dataset = data_mod.ImageFolder(valdir, val_transform)
+    val_dataset = check_readable(data_mod.ImageFolder(valdir, val_transform))
     val_loader = paddle.io.DataLoader(val_subset(val_dataset, rank, world), batch_size=per_proc, shuffle=False,
                                       num_workers=args.workers)
 
@@ -720,7 +733,7 @@ def run(args):
     else:
         data_seed = shared_int(int.from_bytes(os.urandom(4), 'little') >> 1)
     train_transform, _ = loader_mod.build_lincls_transforms(img_size)
-    train_dataset = data_mod.ImageFolder(traindir, train_transform, seed=data_seed)
+    train_dataset = check_readable(data_mod.ImageFolder(traindir, train_transform, seed=data_seed))
     sampler = paddle.io.DistributedBatchSampler(train_dataset, batch_size=per_proc, shuffle=True, drop_last=False,
                                                 num_replicas=world, rank=rank)
     train_loader = paddle.io.DataLoader(train_dataset, batch_sampler=sampler, num_workers=args.workers)

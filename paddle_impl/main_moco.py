@@ -30,11 +30,17 @@ Output (rank 0 only), in --output-dir:
   curves.png                loss, learning rate and MoCo momentum, redrawn at each epoch's end.
   log.txt                   the progress lines.
 
-Exit status: 0 done; 2 a usage or input error (one line 'error: ...' on stderr); 3 the loss became NaN or
-infinite (nothing is saved after that: the last checkpoint stays the last good one).
+  A run killed in mid-save leaves a hidden .checkpoint_NNNN.pdparams.*.tmp (never picked by --resume auto);
+  the next start in that folder removes it.
 
-Debugging hook: the environment variable MOCO_DEBUG_NAN_AT_STEP=K turns the loss of global step K (1-based,
-counted from the start of training) into NaN, to exercise the divergence handling.
+Exit status: 0 done; 2 a usage or input error, or a file that cannot be written (e.g. a full disk: the last
+checkpoint stays intact) (one line 'error: ...' on stderr); 3 the loss became NaN or infinite (nothing is
+saved after that: the last checkpoint stays the last good one).
+
+Debugging hooks: the environment variable MOCO_DEBUG_NAN_AT_STEP=K turns the loss of global step K (1-based,
+counted from the start of training) into NaN, to exercise the divergence handling; MOCO_DEBUG_SLOW_SAVE=SECONDS
+(paddle_impl/io.py) waits between writing a checkpoint and renaming it into place (tests/test_reliability.py
+kills the run there).
 """
 import os
 import sys
@@ -196,8 +202,14 @@ def check_args(args):
         raise RunError(f'--crop-min must be in (0, 1], got {args.crop_min}')
     if not 0 <= args.moco_m <= 1:
         raise RunError(f'--moco-m must be in [0, 1], got {args.moco_m}')
-    if args.moco_t <= 0:
+    if not (args.moco_t > 0 and math.isfinite(args.moco_t)):
         raise RunError(f'--moco-t must be positive, got {args.moco_t}')
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise RunError(f'--lr must be positive, got {args.lr}')
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        raise RunError(f'--wd must not be negative, got {args.weight_decay}')
+    if not 0 <= args.momentum < 1:
+        raise RunError(f'--momentum must be in [0, 1), got {args.momentum}')
     for flag in ('vit_patch_size', 'vit_embed_dim', 'vit_depth', 'vit_num_heads'):
         v = getattr(args, flag)
         if v is not None and v < 1:
@@ -261,6 +273,52 @@ def find_latest_checkpoint(output_dir):
     return os.path.join(output_dir, best[1]) if best else None
 
 
+STALE_TEMP_RE = re.compile(r'^\.checkpoint_\d+\.pdparams\..+\.tmp$')  # io.atomic_write's temporary names
+
+
+def remove_stale_temporaries(output_dir, logger):
+    """Delete the temporary files of checkpoint saves that a killed run left behind (complete or not, they
+    were never renamed into place, so no checkpoint_NNNN.pdparams depends on them)."""
+    removed = []
+    for name in os.listdir(output_dir):
+        if STALE_TEMP_RE.match(name):
+            try:
+                os.remove(os.path.join(output_dir, name))
+                removed.append(name)
+            except OSError:
+                pass
+    if removed:
+        logger.info(f'removed {len(removed)} temporary file(s) of an interrupted save: {", ".join(removed)}')
+    return removed
+
+
+def check_free_space(output_dir, model, optimizer_name):
+    """Fail before training when --output-dir cannot hold one checkpoint: the weights, and the optimizer's
+    buffers (LARS one per trainable parameter, AdamW two). The real file is a little larger."""
+    import shutil
+    try:
+        free = shutil.disk_usage(output_dir).free
+    except OSError:
+        return
+    n_bytes = sum(int(np.prod(t.shape)) * t.element_size() for t in model.state_dict().values())
+    n_bytes += (2 if optimizer_name == 'adamw' else 1) * sum(
+        int(np.prod(p.shape)) * p.element_size() for p in model.parameters() if not p.stop_gradient)
+    if free < n_bytes:
+        raise RunError(f'--output-dir {output_dir} has {free / 2**20:.2f} MiB free, a checkpoint of this model '
+                       f'needs about {n_bytes / 2**20:.2f} MiB; free space or choose another folder')
+
+
+def check_readable(dataset):
+    """Read one sample here, in this thread: a folder without any readable image fails now with one line
+    (DataError), not inside Paddle's DataLoader, whose -j 0 reader thread dies and leaves the training loop
+    waiting forever. The warnings about the unreadable files met on the way are shown only if one is found."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always', data_mod.CorruptImageWarning)
+        dataset[0]
+    for w in seen:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def load_resume_checkpoint(path, arch):
     if not os.path.isfile(path):
         raise RunError(f'--resume {path}: no such file' if not os.path.exists(path)
@@ -269,6 +327,12 @@ def load_resume_checkpoint(path, arch):
         ckpt = pio.load_checkpoint(path)
     except pio.CheckpointError as e:
         raise RunError(f'--resume: {e}') from None
+    kind = ckpt.get('kind') if isinstance(ckpt, dict) else None
+    if kind not in (None, 'pretrain'):
+        what = {'linear': 'a linear-classification checkpoint (main_lincls)',
+                'finetune': 'a fine-tuning checkpoint (main_finetune)'}.get(kind, f"a '{kind}' file")
+        raise RunError(f'--resume {path} is {what}, not a pre-training one; pass a checkpoint_NNNN.pdparams '
+                       f'written by main_moco')
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt or 'epoch' not in ckpt:
         raise RunError(f'--resume {path}: not a pre-training checkpoint of this port (needs epoch and '
                        f'state_dict); a linear-classification or converted file cannot be resumed')
@@ -431,6 +495,7 @@ def train(args):
     if rank == 0:
         output_dir = prepare_output_dir(output_dir)
         logger = utils.setup_logging(rank, os.path.join(output_dir, 'log.txt'))
+        remove_stale_temporaries(output_dir, logger)
 
     per_proc = args.batch_size // world
     if per_proc < 1:
@@ -449,7 +514,13 @@ def train(args):
     elif args.resume:
         resume_path = args.resume
     if resume_path:
-        ckpt = load_resume_checkpoint(resume_path, args.arch)
+        try:
+            ckpt = load_resume_checkpoint(resume_path, args.arch)
+        except RunError as e:
+            if args.resume != 'auto':
+                raise
+            raise RunError(f'{e} (picked by --resume auto as the highest-numbered checkpoint in {output_dir}; '
+                           f'move it away to resume from the one before)') from None
 
     if args.seed is not None:
         _seed_everything(args.seed)
@@ -463,6 +534,7 @@ def train(args):
     aug1, aug2 = build_views(args.aug, args.img_size, args.crop_min)
     try:
         dataset = data_mod.ImageFolder(traindir, loader_mod.TwoCropsTransform(aug1, aug2), seed=data_seed)
+        check_readable(dataset)
     except data_mod.DataError as e:
         raise RunError(str(e)) from None
     sampler = paddle.io.DistributedBatchSampler(dataset, batch_size=per_proc, shuffle=True, drop_last=True,
@@ -487,6 +559,8 @@ def train(args):
     optimizer = build_optimizer(args.optimizer, model_parameters(model), lr, args.weight_decay, args.momentum)
     use_scaler = amp and args.amp_dtype == 'float16'
     scaler = paddle.amp.GradScaler(enable=use_scaler, init_loss_scaling=2. ** 16)
+    if rank == 0:
+        check_free_space(output_dir, model, args.optimizer)
 
     start_epoch, start_iter, global_step = args.start_epoch, 0, args.start_epoch * iters_per_epoch
     if ckpt is not None:
@@ -569,7 +643,11 @@ def train(args):
                'iters_per_epoch': iters_per_epoch, 'world_size': world, 'batch_size': args.batch_size,
                'global_batch': per_proc * world, 'sampler_total_size': sampler.total_size,
                'num_images': len(dataset)}
-        pio.save_checkpoint(obj, path)
+        try:
+            pio.save_checkpoint(obj, path)
+        except pio.CheckpointError as e:  # e.g. the disk is full: the file of that name, if any, is untouched
+            raise RunError(f'{e}; last checkpoint: {last_ckpt or "none"} (intact); free space or choose another '
+                           f'--output-dir (then move the checkpoints there), and rerun with --resume auto') from None
         last_ckpt = path
         logger.info(f'saved {path} (epoch {ck_epoch}, iteration {iteration})')
 
@@ -681,6 +759,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print('error: interrupted', file=sys.stderr, flush=True)
         return 130
+    except OSError as e:  # e.g. metrics.jsonl on a full disk
+        where = f"'{e.filename}'" if getattr(e, 'filename', None) else f'a file in --output-dir {args.output_dir}'
+        print(f'error: cannot write {where}: {e.strerror or e}; the checkpoints written so far are intact: fix the '
+              f'cause and rerun with --resume auto', file=sys.stderr, flush=True)
+        return EXIT_USAGE
     return 0
 
 
