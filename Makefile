@@ -28,5 +28,11 @@ parity: $(STAMP)
 	$(VPY) -m parity --arch vit_small --steps 10 --optimizer adamw --dtype both --json out/parity_steps_adamw.json
 	$(VPY) -m parity.summary out/parity_float64.json out/parity_float32.json out/parity_steps_lars.json out/parity_steps_adamw.json
 
+demo: $(STAMP)
+	$(VPY) demo/run_demo.py --out demo_out
+
+bench: $(STAMP)
+	$(VPY) -m bench.bench --out bench/results.json
+
 clean:
 	rm -rf $(VENV)

@@ -90,6 +90,9 @@ def get_parser():
     p.add_argument('--max-steps', default=0, type=int, help='stop pre-training after N steps (quick checks)')
     p.add_argument('--probe', action='store_true',
                    help='also fit a logistic-regression probe (on digits it is ~95%% even at random init)')
+    p.add_argument('--lincls-epochs', default=10, type=int,
+                   help='epochs of main_lincls linear classification on the frozen backbones (0: skip; default 10)')
+    p.add_argument('--lincls-lr', default=0.3, type=float, help='main_lincls base lr (default 0.3)')
     p.add_argument('--width', default=VIT['embed_dim'], type=int, help='ViT width (default: 192)')
     p.add_argument('--depth', default=VIT['depth'], type=int, help='ViT depth (default: 4)')
     p.add_argument('--heads', default=VIT['num_heads'], type=int, help='ViT heads (default: 3)')
@@ -125,6 +128,16 @@ def run(opts):
 
     t = time.time()
     pretrained = evaluate(summary['model'].base_encoder, train_root, val_root, opts.k, opts.probe)
+    if opts.lincls_epochs > 0:
+        # the official linear-classification protocol (main_lincls) on the frozen backbones; the random
+        # baseline is a backbone built from the same seed with main_lincls's own initialisation
+        from paddle_impl.main_lincls import linear_probe
+        ckpt = main_moco.find_latest_checkpoint(run_dir)
+        common = dict(arch=vit['arch'], epochs=opts.lincls_epochs, batch_size=opts.batch_size, lr=opts.lincls_lr,
+                      img_size=IMG_SIZE, seed=opts.seed, workers=opts.workers)
+        vkw = {k: vit[k] for k in ('patch_size', 'embed_dim', 'depth', 'num_heads')}
+        random_init['lincls'] = linear_probe(data_dir, None, vit_kwargs=vkw, **common)['acc1'] / 100.0
+        pretrained['lincls'] = linear_probe(data_dir, ckpt, **common)['acc1'] / 100.0
     t_eval = time.time() - t + t_eval_init
 
     total = time.time() - t0
@@ -133,7 +146,7 @@ def run(opts):
     results = {
         'model': dict(vit, img_size=IMG_SIZE), 'epochs': opts.epochs, 'steps': summary['steps'],
         'batch_size': opts.batch_size, 'aug': opts.aug, 'crop_min': opts.crop_min, 'seed': opts.seed,
-        'k': opts.k, 'random_init': random_init, 'pretrained': pretrained,
+        'k': opts.k, 'lincls_epochs': opts.lincls_epochs, 'lincls_lr': opts.lincls_lr, 'random_init': random_init, 'pretrained': pretrained,
         'last_loss': summary['last_loss'], 'time_pretrain_s': round(t_train, 1), 'time_eval_s': round(t_eval, 1),
         'time_total_s': round(total, 1), 'cpu_time_s': round(cpu_s, 1), 'run_dir': run_dir,
         'threads': os.environ.get('OMP_NUM_THREADS'),
@@ -148,9 +161,13 @@ def run(opts):
           f'depth {vit["depth"]}, {opts.epochs} epochs ({summary["steps"]} steps), batch {opts.batch_size}, '
           f'aug {opts.aug}')
     probe_head = '   linear probe' if opts.probe else ''
+    if opts.lincls_epochs > 0:
+        probe_head += f'   main_lincls ({opts.lincls_epochs} ep)'
     print(f'  frozen features, {pretrained["n_val"]} val digits   {opts.k}-NN (cosine){probe_head}')
     for name, res in (('random init (same seed)', random_init), ('pre-trained', pretrained)):
         probe = f'          {pct(res.get("probe"))}' if opts.probe else ''
+        if opts.lincls_epochs > 0:
+            probe += f'          {pct(res.get("lincls"))}'
         print(f'  {name:<30s}   {pct(res["knn"])}{probe}')
     print(f'  time: pre-training {t_train:.0f} s, evaluation {t_eval:.0f} s, total {total:.0f} s '
           f'(process CPU time {cpu_s:.0f} s, {os.environ.get("OMP_NUM_THREADS", "?")} threads)')

@@ -20,15 +20,16 @@ def test_knn_majority_vote_cosine():
 def test_demo_quick(tmp_path, capsys):
     out = tmp_path / 'demo'
     code = run_demo.main(['--out', str(out), '--epochs', '1', '-b', '256', '--width', '48', '--depth', '1',
-                          '--heads', '3'])
+                          '--heads', '3', '--lincls-epochs', '1'])
     assert code == 0
     text = capsys.readouterr().out
-    assert 'random init (same seed)' in text and 'pre-trained' in text
+    assert 'random init (same seed)' in text and 'pre-trained' in text and 'main_lincls (1 ep)' in text
     with open(out / 'results.json') as f:
         res = json.load(f)
     assert res['steps'] == 1438 // 256
     for key in ('random_init', 'pretrained'):
         assert 0.0 < res[key]['knn'] <= 1.0 and res[key]['n_val'] == 359 and res[key]['n_train'] == 1438
+        assert 0.0 <= res[key]['lincls'] <= 1.0  # main_lincls top-1 on the val digits
     run = out / 'pretrain'
     for name in ('checkpoint_0000.pdparams', 'metrics.jsonl', 'curves.png', 'log.txt'):
         assert (run / name).exists(), name
