@@ -5,8 +5,9 @@ One line per (arch, dtype, scenario): the worst relative L2 error per column and
 import json
 import sys
 
-COLUMNS = [('forward', ('forward:',)), ('loss', ('loss:',)), ('grads', ('grad:',)),
-           ('momentum enc + BN stats', ('momentum encoder', 'BN running')), ('K steps', ('steps:',))]
+COLUMNS = [('forward', ('forward:',)), ('loss', ('loss:', 'loss at each')), ('grads', ('grad:',)),
+           ('momentum enc + BN stats', ('momentum encoder', 'BN running', 'final BN')),
+           ('params after K steps', ('final params',)), ('optimizer state', ('final optimizer state',))]
 
 
 def summarize(paths):
