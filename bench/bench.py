@@ -1,0 +1,600 @@
+"""Paddle port vs the PyTorch reference, measured in one run: training step, memory, augmentation, GFLOP/s.
+
+    python -m bench.bench [--quick] [--device cpu|gpu] [--out bench/results.json]
+
+Every measurement runs in worker processes, one framework per process (as in real training: no second
+OpenMP runtime and no other framework's allocations in the process), and the parent alternates between the
+paddle and the torch worker call by call: warm-up, then the median over repetitions, the order reversed on
+every other round, with a short pause between calls so that one side's idle OpenMP threads stop spinning
+before the other side starts.
+
+Items (each reported as paddle, torch, ratio = paddle / torch, units):
+  step_time_<model>    one complete MoCo v3 training step: both views through the base encoder and the
+                       predictor, momentum update, momentum-encoder forward of both views, the symmetric
+                       loss, backward, optimizer step. ViT-S/16 with AdamW, ResNet-50 with LARS; 224x224,
+                       8 images per view, float32, all cores (OMP_NUM_THREADS).
+  peak_memory_<model>  CPU: growth of the worker's peak resident set (ru_maxrss) from just after importing
+                       the framework and the model code to the end of the timed steps; each (framework,
+                       model) in a fresh process. GPU: the allocator's peak (max_memory_allocated).
+  aug_throughput       source images/s through the two BYOL views (JPEG decode, view 1 and view 2, to
+                       normalised float CHW), one process with one thread, as one DataLoader worker:
+                       paddle_impl.loader (PIL + numpy) vs torch_ref.loader (torchvision), on synthetic
+                       ImageNet-sized (500x375) JPEGs.
+  gflops_<model>       achieved GFLOP/s of the training step: the FLOPs of one step counted once with
+                       torch.utils.flop_counter on the torch step (attention in its math form so that it is
+                       counted; optimizer and elementwise work not counted), the same count for both
+                       frameworks, divided by each one's median step time.
+  gemm_peak            GFLOP/s of one square fp32 matmul (2048 on CPU, 8192 on GPU with TF32 off on both
+                       sides) in each framework: what the step could reach.
+
+``--device gpu`` (CUDA machines with paddlepaddle-gpu and a CUDA torch): AMP float16 with a GradScaler on
+both sides, 64 images per view, step time plus images/s per GPU (``images_per_s``: images of one view per
+second; each image passes twice through the base encoder and twice through the momentum encoder).
+
+``--quick``: tiny models and images, one repetition: exercises every code path in seconds (tests/test_bench.py).
+"""
+import json
+import os
+import sys
+import time
+
+# Idle OpenMP threads sleep instead of spinning (workers inherit it; set OMP_WAIT_POLICY=ACTIVE to compare).
+# Measured here (2 shared vCPUs, load 4-5 from other processes): torch's step of a tiny ViT took 2.3 s with
+# 2 spinning threads, 10 ms with PASSIVE, 8 ms with one thread: with spinning waits, a timing measures the
+# scheduler. The Makefile exports the same.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+# the defaults Paddle reads at its import (threads; MKL's fast path on AMD); workers inherit them
+import paddle_impl  # noqa: F401,E402
+
+MODELS = {
+    # the official recipes (moco-v3 CONFIG.md); lr is scaled by batch / 256 as main_moco does
+    'vit_small': dict(arch='vit_small', optimizer='adamw', lr=1.5e-4, weight_decay=0.1, T=0.2,
+                      stop_grad_conv1=True),
+    'resnet50': dict(arch='resnet50', optimizer='lars', lr=0.6, weight_decay=1e-6, T=1.0,
+                     stop_grad_conv1=False),
+}
+
+SIZES = {
+    'cpu': dict(img_size=224, batch=8, dim=256, mlp_dim=4096, warmup=2, reps=5, gemm=2048, gemm_reps=10,
+                aug_images=64, aug_size=(500, 375), aug_reps=3, aug_crop=224),
+    'gpu': dict(img_size=224, batch=64, dim=256, mlp_dim=4096, warmup=5, reps=20, gemm=8192, gemm_reps=20,
+                aug_images=64, aug_size=(500, 375), aug_reps=3, aug_crop=224),
+    'quick': dict(img_size=32, batch=4, dim=16, mlp_dim=32, warmup=1, reps=1, gemm=128, gemm_reps=1,
+                  aug_images=2, aug_size=(64, 48), aug_reps=1, aug_crop=32,
+                  vit=dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)),
+}
+
+MOMENTUM = 0.99  # MoCo momentum of every step (its value does not change the cost)
+CROP_MIN = 0.08  # the ViT recipe; ResNet's 0.2 changes only the crop's area
+SETTLE_S = 0.3  # pause between calls: idle OpenMP threads (iomp5 spins 200 ms by default) go to sleep
+FRAMEWORKS = ('paddle', 'torch')
+
+
+def _inputs(size, seed=0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    shape = (size['batch'], 3, size['img_size'], size['img_size'])
+    return rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+
+
+def _vit_kwargs(cfg, size):
+    return dict(size.get('vit', {})) if cfg['arch'].startswith('vit') else {}
+
+
+def _maxrss():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one training step per framework (built inside a worker)
+
+class TorchStep:
+    def __init__(self, model_name, size, device='cpu'):
+        import torch
+        from torch_ref.models import build_moco
+        from torch_ref.optimizer import build_optimizer
+        self.torch = torch
+        cfg = MODELS[model_name]
+        self.device = 'cuda' if device == 'gpu' else 'cpu'
+        self.amp = device == 'gpu'
+        torch.manual_seed(0)
+        self.model = build_moco(cfg['arch'], size['dim'], size['mlp_dim'], cfg['T'], size['img_size'],
+                                cfg['stop_grad_conv1'], **_vit_kwargs(cfg, size)).to(self.device)
+        self.model.train()
+        self.optimizer = build_optimizer(cfg['optimizer'], self.model.parameters(),
+                                         cfg['lr'] * size['batch'] / 256, cfg['weight_decay'])
+        self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp)
+        x1, x2 = _inputs(size)
+        self.x1 = torch.from_numpy(x1).to(self.device)
+        self.x2 = torch.from_numpy(x2).to(self.device)
+
+    def __call__(self):
+        torch = self.torch
+        with torch.autocast(self.device, dtype=torch.float16, enabled=self.amp):
+            loss = self.model(self.x1, self.x2, MOMENTUM)
+        self.optimizer.zero_grad()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item()  # waits for the device
+
+    def count_flops(self):
+        """FLOPs of the forward and backward of one step; attention in its math form, so that it is counted
+        (the flop counter knows no CPU flash-attention kernel)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+        counter = FlopCounterMode(display=False)
+        with sdpa_kernel(SDPBackend.MATH), counter:
+            with self.torch.autocast(self.device, dtype=self.torch.float16, enabled=self.amp):
+                loss = self.model(self.x1, self.x2, MOMENTUM)
+            self.optimizer.zero_grad()
+            loss.backward()
+        self.optimizer.zero_grad()
+        return int(counter.get_total_flops())
+
+    def peak_device_memory(self):
+        return int(self.torch.cuda.max_memory_allocated())
+
+
+class PaddleStep:
+    def __init__(self, model_name, size, device='cpu'):
+        import paddle
+        from paddle_impl.layers import model_parameters
+        from paddle_impl.models import build_moco
+        from paddle_impl.optimizer import build_optimizer
+        self.paddle = paddle
+        cfg = MODELS[model_name]
+        paddle.set_device('gpu' if device == 'gpu' else 'cpu')
+        self.amp = device == 'gpu'
+        paddle.seed(0)
+        self.model = build_moco(cfg['arch'], size['dim'], size['mlp_dim'], cfg['T'], size['img_size'],
+                                cfg['stop_grad_conv1'], **_vit_kwargs(cfg, size))
+        self.model.train()
+        self.optimizer = build_optimizer(cfg['optimizer'], model_parameters(self.model),
+                                         cfg['lr'] * size['batch'] / 256, cfg['weight_decay'])
+        self.scaler = paddle.amp.GradScaler(enable=self.amp, init_loss_scaling=2. ** 16)
+        x1, x2 = _inputs(size)
+        self.x1 = paddle.to_tensor(x1)
+        self.x2 = paddle.to_tensor(x2)
+
+    def __call__(self):
+        paddle = self.paddle
+        with paddle.amp.auto_cast(enable=self.amp, dtype='float16', level='O1'):
+            loss = self.model(self.x1, self.x2, MOMENTUM)
+        self.optimizer.clear_grad()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss)  # waits for the device
+
+    def peak_device_memory(self):
+        return int(self.paddle.device.cuda.max_memory_allocated())
+
+
+STEPPERS = {'paddle': PaddleStep, 'torch': TorchStep}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the worker process: one framework, commands as JSON lines on stdin, answers on its own pipe
+
+class Worker:
+    """What runs inside a worker process (see serve())."""
+
+    def __init__(self, framework, device, role):
+        self.framework, self.device, self.role = framework, device, role
+        self.step = None
+        if role == 'aug':  # one DataLoader worker: one thread, no framework but the data pipeline
+            if framework == 'torch':
+                import torch
+                torch.set_num_threads(1)
+                import torch_ref.loader  # noqa: F401
+            else:
+                import paddle_impl.loader  # noqa: F401
+        elif framework == 'paddle':
+            import paddle  # noqa: F401
+            import paddle_impl.models  # noqa: F401
+            import paddle_impl.optimizer  # noqa: F401
+        else:
+            import torch
+            torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS') or torch.get_num_threads()))
+            import torch_ref.models  # noqa: F401
+            import torch_ref.optimizer  # noqa: F401
+        self.rss_after_import = _maxrss()
+
+    def op_info(self):
+        return machine_info(self.framework, self.device)
+
+    def op_build(self, model, size):
+        self.step = STEPPERS[self.framework](model, SIZES[size], self.device)
+        return {}
+
+    def op_step(self):
+        w0, c0 = time.perf_counter(), time.process_time()
+        loss = self.step()
+        return {'time': time.perf_counter() - w0, 'cpu': time.process_time() - c0, 'loss': loss}
+
+    def op_memory(self):
+        peak = _maxrss()
+        out = {'rss_after_import': self.rss_after_import, 'rss_peak': peak, 'value': peak - self.rss_after_import}
+        if self.device == 'gpu':
+            out['value'] = self.step.peak_device_memory()
+        return out
+
+    def op_flops(self):
+        return {'flops': self.step.count_flops()}
+
+    def op_gemm_setup(self, n):
+        import numpy as np
+        rng = np.random.default_rng(0)
+        a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+        if self.framework == 'paddle':
+            import paddle
+            pa, pb = paddle.to_tensor(a), paddle.to_tensor(b)
+            if self.device == 'gpu':  # true fp32 on both sides (torch's default); Paddle allows TF32 by default
+                paddle.set_flags({'FLAGS_allow_tf32_cublas': False})
+            sync = paddle.device.synchronize if self.device == 'gpu' else (lambda: None)
+            self.gemm = lambda: (paddle.matmul(pa, pb), sync())
+        else:
+            import torch
+            dev = 'cuda' if self.device == 'gpu' else 'cpu'
+            ta, tb = torch.from_numpy(a).to(dev), torch.from_numpy(b).to(dev)
+            sync = torch.cuda.synchronize if self.device == 'gpu' else (lambda: None)
+            self.gemm = lambda: (torch.mm(ta, tb), sync())
+        self.gemm()
+        return {}
+
+    def op_gemm(self):
+        t0 = time.perf_counter()
+        self.gemm()
+        return {'time': time.perf_counter() - t0}
+
+    def op_aug_setup(self, paths, img_size, crop_min):
+        if self.framework == 'paddle':
+            import paddle_impl.loader as loader
+        else:
+            import torch_ref.loader as loader
+        self.paths = paths
+        self.aug = loader.TwoCropsTransform(*loader.build_augmentations(img_size, crop_min))
+        return {}
+
+    def op_aug(self):
+        from PIL import Image
+        t0 = time.perf_counter()
+        for p in self.paths:
+            with open(p, 'rb') as f:  # the official pil_loader (ImageFolder)
+                img = Image.open(f).convert('RGB')
+            v1, v2 = self.aug(img)
+        return {'time': time.perf_counter() - t0, 'shape': list(v1.shape)}
+
+
+def serve(framework, device, role):
+    """Worker main loop. Answers go to a private copy of stdout; fd 1 is pointed at stderr so that what
+    the libraries print cannot corrupt the protocol."""
+    answers = os.fdopen(os.dup(1), 'w')
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    worker = Worker(framework, device, role)
+    answers.write(json.dumps({'ok': True}) + '\n')
+    answers.flush()
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req.pop('op')
+        if op == 'quit':
+            break
+        try:
+            res = {'ok': True, **getattr(worker, 'op_' + op)(**req)}
+        except Exception as e:  # reported to the parent, which stops
+            import traceback
+            res = {'ok': False, 'error': f'{type(e).__name__}: {e}', 'traceback': traceback.format_exc()}
+        answers.write(json.dumps(res) + '\n')
+        answers.flush()
+
+
+class WorkerProcess:
+    """The parent's handle on a worker."""
+
+    def __init__(self, framework, device='cpu', role='model', env=None):
+        import subprocess
+        import tempfile
+        self.name = f'{framework}/{role}'
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.log = tempfile.TemporaryFile(mode='w+')
+        cmd = [sys.executable, '-m', 'bench.bench', '--worker', framework, '--worker-role', role,
+               '--device', device]
+        self.proc = subprocess.Popen(cmd, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, env=env)
+        self._read()
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            raise RuntimeError(f'bench worker {self.name} died:\n{self.log.read()[-4000:]}')
+        res = json.loads(line)
+        if not res.get('ok'):
+            raise RuntimeError(f'bench worker {self.name}: {res["error"]}\n{res.get("traceback", "")}')
+        return res
+
+    def call(self, op, **kw):
+        self.proc.stdin.write(json.dumps({'op': op, **kw}) + '\n')
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({'op': 'quit'}) + '\n')
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class Pair:
+    """A paddle and a torch worker, closed together."""
+
+    def __init__(self, device, role='model', env=None):
+        self.w = {}
+        try:
+            for fw in FRAMEWORKS:
+                self.w[fw] = WorkerProcess(fw, device, role, env)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self.w
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        for w in self.w.values():
+            w.close()
+
+
+def alternate(workers, op, warmup, reps, settle=SETTLE_S):
+    """Calls ``op`` on each worker in turn (warm-up, then ``reps`` timed rounds, the order reversed on every
+    other round); returns each one's list of answers."""
+    names = list(workers)
+    for _ in range(warmup):
+        for n in names:
+            workers[n].call(op)
+            time.sleep(settle)
+    out = {n: [] for n in names}
+    for r in range(reps):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            out[n].append(workers[n].call(op))
+            time.sleep(settle)
+    return out
+
+
+def _median(xs):
+    xs = sorted(xs)
+    k = len(xs) // 2
+    return xs[k] if len(xs) % 2 else 0.5 * (xs[k - 1] + xs[k])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measurements (parent)
+
+def make_jpegs(folder, count, size, seed=0):
+    """ImageNet-like JPEGs: colour gradients, a few filled ellipses and pixel noise (so that JPEG decoding,
+    resampling and blur have real content to work on)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    paths = []
+    for i in range(count):
+        c0, c1, c2 = rng.uniform(0, 255, (3, 3))
+        img = c0 + (c1 - c0) * (xx / w)[..., None] + 0.5 * (c2 - c0) * (yy / h)[..., None]
+        img = img + rng.normal(0, 20, (h, w, 3))
+        im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), 'RGB')
+        draw = ImageDraw.Draw(im)
+        for _ in range(6):
+            x0, y0 = int(rng.integers(0, w - 2)), int(rng.integers(0, h - 2))
+            x1, y1 = int(rng.integers(x0 + 1, w)), int(rng.integers(y0 + 1, h))
+            draw.ellipse([x0, y0, x1, y1], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        path = os.path.join(folder, f'img_{i:04d}.JPEG')
+        im.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def item(paddle_v, torch_v, units, **extra):
+    ratio = paddle_v / torch_v if torch_v else None
+    return {'paddle': paddle_v, 'torch': torch_v, 'ratio': ratio, 'units': units, **extra}
+
+
+def measure_gemm(size, device, log, infos=None, env=None):
+    n = size['gemm']
+    with Pair(device, env=env) as w:
+        if infos is not None:
+            infos.update({fw: w[fw].call('info') for fw in FRAMEWORKS})
+        for x in w.values():
+            x.call('gemm_setup', n=n)
+        res = alternate(w, 'gemm', warmup=2, reps=size['gemm_reps'], settle=SETTLE_S / 3)
+    t = {fw: _median([r['time'] for r in res[fw]]) for fw in res}
+    flop = 2 * n ** 3
+    out = item(flop / t['paddle'] / 1e9, flop / t['torch'] / 1e9, 'GFLOP/s', n=n)
+    log(f'gemm {n}x{n}: paddle {out["paddle"]:.1f}, torch {out["torch"]:.1f} GFLOP/s')
+    return out
+
+
+def measure_aug(size, log):
+    import tempfile
+    env = dict(os.environ, OMP_NUM_THREADS='1')  # one DataLoader worker
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_jpegs(tmp, size['aug_images'], size['aug_size'])
+        with Pair('cpu', role='aug', env=env) as w:
+            for x in w.values():
+                x.call('aug_setup', paths=paths, img_size=size['aug_crop'], crop_min=CROP_MIN)
+            res = alternate(w, 'aug', warmup=1, reps=size['aug_reps'], settle=0.05)
+    t = {fw: _median([r['time'] for r in res[fw]]) for fw in res}
+    out = item(len(paths) / t['paddle'], len(paths) / t['torch'], 'images/s', images=len(paths),
+               image_size=list(size['aug_size']), crop=size['aug_crop'], views=2, threads=1)
+    log(f'augmentation: paddle {out["paddle"]:.1f}, torch {out["torch"]:.1f} images/s')
+    return out
+
+
+def measure_model(name, skey, device, log, env=None):
+    size = SIZES[skey]
+    with Pair(device, env=env) as w:
+        for x in w.values():
+            x.call('build', model=name, size=skey)
+        res = alternate(w, 'step', warmup=size['warmup'], reps=size['reps'])
+        mem = {fw: w[fw].call('memory') for fw in FRAMEWORKS}
+        flops = w['torch'].call('flops')['flops']
+    t = {fw: _median([r['time'] for r in res[fw]]) for fw in FRAMEWORKS}
+    tmin = {fw: min(r['time'] for r in res[fw]) for fw in FRAMEWORKS}
+    cpu = {fw: _median([r['cpu'] for r in res[fw]]) for fw in FRAMEWORKS}
+    out = {}
+    step = item(t['paddle'], t['torch'], 's', optimizer=MODELS[name]['optimizer'], batch_per_view=size['batch'],
+                img_size=size['img_size'], reps=size['reps'], warmup=size['warmup'],
+                min=tmin, ratio_min=tmin['paddle'] / tmin['torch'],
+                cpu_time=cpu, ratio_cpu_time=cpu['paddle'] / cpu['torch'] if cpu['torch'] else None,
+                times={fw: [r['time'] for r in res[fw]] for fw in FRAMEWORKS},
+                loss={fw: res[fw][-1]['loss'] for fw in FRAMEWORKS})
+    if device == 'gpu':
+        step['images_per_s'] = {fw: size['batch'] / t[fw] for fw in FRAMEWORKS}
+    out[f'step_time_{name}'] = step
+    mib = {fw: mem[fw]['value'] / 2 ** 20 for fw in FRAMEWORKS}
+    out[f'peak_memory_{name}'] = item(mib['paddle'], mib['torch'], 'MiB',
+                                      measure='max_memory_allocated' if device == 'gpu' else 'peak RSS growth',
+                                      detail=mem)
+    out[f'gflops_{name}'] = item(flops / t['paddle'] / 1e9, flops / t['torch'] / 1e9, 'GFLOP/s',
+                                 flops_per_step=flops)
+    log(f'{name}: step paddle {t["paddle"]:.3f} s, torch {t["torch"]:.3f} s '
+        f'(ratio {t["paddle"] / t["torch"]:.3f}); memory paddle {mib["paddle"]:.0f} MiB, torch {mib["torch"]:.0f} MiB; '
+        f'{flops / 1e9:.1f} GFLOP/step')
+    return out
+
+
+def machine_info(framework=None, device='cpu'):
+    import platform
+    info = {'cpu': platform.processor() or platform.machine(), 'device': device}
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    info['cpu'] = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info['cores'] = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    info['env'] = {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'OMP_WAIT_POLICY',
+                                                  'KMP_BLOCKTIME')}
+    info['python'] = platform.python_version()
+    info['platform'] = platform.platform()
+    versions = {}
+    if framework == 'paddle':
+        import paddle
+        versions['paddlepaddle'] = paddle.__version__
+        info['paddle_flags'] = paddle.get_flags(['FLAGS_use_mkldnn', 'FLAGS_use_stride_kernel'])
+        if device == 'gpu':
+            info['gpu'] = paddle.device.cuda.get_device_name(0)
+    elif framework == 'torch':
+        import timm
+        import torch
+        import torchvision
+        versions.update(torch=torch.__version__, torchvision=torchvision.__version__, timm=timm.__version__)
+        info['torch_threads'] = torch.get_num_threads()
+        if device == 'gpu':
+            info['gpu'] = torch.cuda.get_device_name(0)
+    import numpy
+    import PIL
+    versions.update(numpy=numpy.__version__, pillow=PIL.__version__)
+    info['versions'] = versions
+    return info
+
+
+def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print):
+    skey = 'quick' if quick else device
+    size = SIZES[skey]
+    env = dict(os.environ)
+    if threads:
+        env['OMP_NUM_THREADS'] = str(threads)
+    results = {}
+    infos = {}
+    load_before = os.getloadavg() if hasattr(os, 'getloadavg') else None
+    results['gemm_peak'] = measure_gemm(size, device, log, infos, env)
+    machine = {k: v for k, v in infos['torch'].items() if k not in ('versions', 'ok')}
+    machine['versions'] = {**infos['paddle']['versions'], **infos['torch']['versions']}
+    machine['paddle_flags'] = infos['paddle'].get('paddle_flags')
+    machine['settings'] = dict(size, size_name=skey, settle_s=SETTLE_S, crop_min=CROP_MIN, momentum=MOMENTUM)
+    log(f'machine: {machine["cpu"]}, {machine["cores"]} cores, env {machine["env"]}')
+    results['aug_throughput'] = measure_aug(size, log)
+    for name in models:
+        results.update(measure_model(name, skey, device, log, env))
+    machine['load_average'] = {'start': load_before,
+                               'end': os.getloadavg() if hasattr(os, 'getloadavg') else None}
+    results['machine'] = machine
+    return results
+
+
+ORDER = ['step_time_vit_small', 'step_time_resnet50', 'peak_memory_vit_small', 'peak_memory_resnet50',
+         'aug_throughput', 'gflops_vit_small', 'gflops_resnet50', 'gemm_peak']
+
+
+def format_table(results):
+    rows = [('item', 'paddle', 'torch', 'paddle/torch', 'units')]
+    for k in ORDER:
+        if k in results:
+            r = results[k]
+            ratio = '-' if r['ratio'] is None else f'{r["ratio"]:.3f}'
+            rows.append((k, f'{r["paddle"]:.4g}', f'{r["torch"]:.4g}', ratio, r['units']))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ['  '.join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, '  '.join('-' * wd for wd in widths))
+    m = results.get('machine', {})
+    if m:
+        v = m.get('versions', {})
+        lines.append(f'machine: {m.get("cpu")}, {m.get("cores")} cores, OMP_NUM_THREADS={m["env"].get("OMP_NUM_THREADS")}'
+                     f', paddle {v.get("paddlepaddle")}, torch {v.get("torch")}, device {m.get("device")}')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description='MoCo v3: Paddle port vs PyTorch reference, ratios measured in one run.')
+    p.add_argument('--quick', action='store_true', help='tiny sizes, one repetition (a smoke test)')
+    p.add_argument('--device', default='cpu', choices=('cpu', 'gpu'))
+    p.add_argument('--out', default=None, help='write the results as JSON here (e.g. bench/results.json)')
+    p.add_argument('--models', default=','.join(MODELS), help='comma-separated, from: ' + ', '.join(MODELS))
+    p.add_argument('--threads', type=int, default=None,
+                   help='OMP_NUM_THREADS of the GEMM and training-step workers (default: inherited; '
+                        'paddle_impl sets all cores)')
+    p.add_argument('--worker', choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    p.add_argument('--worker-role', default='model', choices=('model', 'aug'), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        serve(args.worker, args.device, args.worker_role)
+        return 0
+    models = [m for m in args.models.split(',') if m]
+    for m in models:
+        if m not in MODELS:
+            p.error(f"unknown model '{m}'; known: {', '.join(MODELS)}")
+    try:
+        results = run(args.quick, args.device, models, args.threads)
+    except RuntimeError as e:
+        print(f'bench failed: {e}', file=sys.stderr)
+        return 1
+    print(format_table(results))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        tmp = args.out + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(results, f, indent=1)
+            f.write('\n')
+        os.replace(tmp, args.out)
+        print(f'wrote {args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
