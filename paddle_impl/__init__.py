@@ -23,3 +23,22 @@ def _cpu_defaults():
 
 
 _cpu_defaults()
+
+
+def import_paddle_quietly():
+    """Import paddle without its import-time notices on stderr (the OMP_NUM_THREADS advice, the ccache
+    warning), so that a CLI's user error is the only line there. Anything else is passed on."""
+    if 'paddle' in sys.modules:
+        return
+    import contextlib
+    import io as _io
+    import warnings
+    buf = _io.StringIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='No ccache found')
+        with contextlib.redirect_stderr(buf):
+            import paddle  # noqa: F401
+    known = ('WARNING: OMP_NUM_THREADS set to', 'PLEASE USE OMP_NUM_THREADS WISELY')
+    rest = [line for line in buf.getvalue().splitlines() if line.strip() and not line.startswith(known)]
+    if rest:
+        print('\n'.join(rest), file=sys.stderr)

@@ -38,26 +38,7 @@ if __package__ in (None, ''):  # run as a script (paddle.distributed.launch): ma
 import paddle_impl  # noqa: E402,F401  (sets OMP/MKL defaults before paddle is imported)
 
 
-def _import_paddle_quietly():
-    """Import paddle without its import-time notices on stderr (the OMP_NUM_THREADS advice, the ccache
-    warning), so that a user error is the only line there."""
-    if 'paddle' in sys.modules:
-        return
-    import contextlib
-    import io as _io
-    import warnings
-    buf = _io.StringIO()
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='No ccache found')
-        with contextlib.redirect_stderr(buf):
-            import paddle  # noqa: F401
-    known = ('WARNING: OMP_NUM_THREADS set to', 'PLEASE USE OMP_NUM_THREADS WISELY')
-    rest = [line for line in buf.getvalue().splitlines() if line.strip() and not line.startswith(known)]
-    if rest:
-        print('\n'.join(rest), file=sys.stderr)
-
-
-_import_paddle_quietly()
+paddle_impl.import_paddle_quietly()
 
 import argparse  # noqa: E402
 import math  # noqa: E402
