@@ -12,7 +12,9 @@ Items (each reported as paddle, torch, ratio = paddle / torch, units):
   step_time_<model>    one complete MoCo v3 training step: both views through the base encoder and the
                        predictor, momentum update, momentum-encoder forward of both views, the symmetric
                        loss, backward, optimizer step. ViT-S/16 with AdamW, ResNet-50 with LARS; 224x224,
-                       8 images per view, float32, all cores (OMP_NUM_THREADS).
+                       8 images per view, float32, all cores (OMP_NUM_THREADS). Also kept: every timing,
+                       the minimum (``min``, ``ratio_min``) and the median CPU time of the worker process
+                       (``cpu_time``, ``ratio_cpu_time``), which tell load from other processes apart.
   peak_memory_<model>  CPU: growth of the worker's peak resident set (ru_maxrss) from just after importing
                        the framework and the model code to the end of the timed steps; each (framework,
                        model) in a fresh process. GPU: the allocator's peak (max_memory_allocated).
@@ -55,7 +57,7 @@ MODELS = {
 }
 
 SIZES = {
-    'cpu': dict(img_size=224, batch=8, dim=256, mlp_dim=4096, warmup=2, reps=5, gemm=2048, gemm_reps=10,
+    'cpu': dict(img_size=224, batch=8, dim=256, mlp_dim=4096, warmup=2, reps=7, gemm=2048, gemm_reps=10,
                 aug_images=64, aug_size=(500, 375), aug_reps=3, aug_crop=224),
     'gpu': dict(img_size=224, batch=64, dim=256, mlp_dim=4096, warmup=5, reps=20, gemm=8192, gemm_reps=20,
                 aug_images=64, aug_size=(500, 375), aug_reps=3, aug_crop=224),
@@ -178,12 +180,27 @@ STEPPERS = {'paddle': PaddleStep, 'torch': TorchStep}
 # ----------------------------------------------------------------------------------------------------------
 # the worker process: one framework, commands as JSON lines on stdin, answers on its own pipe
 
+def _check_cuda(framework):
+    if framework == 'paddle':
+        import paddle
+        ok = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+        hint = 'install paddlepaddle-gpu (see README) on a machine with a CUDA GPU'
+    else:
+        import torch
+        ok = torch.cuda.is_available()
+        hint = 'install a CUDA build of torch on a machine with a CUDA GPU'
+    if not ok:
+        raise RuntimeError(f'--device gpu: no CUDA device for {framework}; {hint}')
+
+
 class Worker:
     """What runs inside a worker process (see serve())."""
 
     def __init__(self, framework, device, role):
         self.framework, self.device, self.role = framework, device, role
         self.step = None
+        if device == 'gpu' and role == 'model':
+            _check_cuda(framework)
         if role == 'aug':  # one DataLoader worker: one thread, no framework but the data pipeline
             if framework == 'torch':
                 import torch
@@ -274,9 +291,15 @@ def serve(framework, device, role):
     answers = os.fdopen(os.dup(1), 'w')
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    worker = Worker(framework, device, role)
-    answers.write(json.dumps({'ok': True}) + '\n')
+    try:
+        worker = Worker(framework, device, role)
+        hello = {'ok': True}
+    except Exception as e:  # e.g. no CUDA build: the parent reports it in one line
+        worker, hello = None, {'ok': False, 'error': f'{type(e).__name__}: {e}'}
+    answers.write(json.dumps(hello) + '\n')
     answers.flush()
+    if worker is None:
+        return
     for line in sys.stdin:
         req = json.loads(line)
         op = req.pop('op')
@@ -313,7 +336,8 @@ class WorkerProcess:
             raise RuntimeError(f'bench worker {self.name} died:\n{self.log.read()[-4000:]}')
         res = json.loads(line)
         if not res.get('ok'):
-            raise RuntimeError(f'bench worker {self.name}: {res["error"]}\n{res.get("traceback", "")}')
+            tb = res.get('traceback')
+            raise RuntimeError(f'bench worker {self.name}: {res["error"]}' + (f'\n{tb}' if tb else ''))
         return res
 
     def call(self, op, **kw):

@@ -12,7 +12,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .layers import BatchNorm2D, LayerNorm, torch_default_init_
+from .layers import GELU, BatchNorm2D, FastLinear, LayerNorm, torch_default_init_, transpose
 
 __all__ = ['vit_small', 'vit_base', 'vit_conv_small', 'vit_conv_base', 'vit_large', 'vit_huge',
            'VisionTransformerMoCo', 'ConvStem', 'PatchEmbed', 'build_2d_sincos_position_embedding',
@@ -71,7 +71,7 @@ class PatchEmbed(nn.Layer):
 
     def forward(self, x):
         _check_input(x, self.img_size)
-        return self.proj(x).flatten(2).transpose([0, 2, 1])  # BCHW -> BNC
+        return transpose(self.proj(x).flatten(2), [0, 2, 1])  # BCHW -> BNC
 
 
 class ConvStem(nn.Layer):
@@ -101,7 +101,7 @@ class ConvStem(nn.Layer):
 
     def forward(self, x):
         _check_input(x, self.img_size)
-        return self.proj(x).flatten(2).transpose([0, 2, 1])
+        return transpose(self.proj(x).flatten(2), [0, 2, 1])
 
 
 def _check_input(x, img_size):
@@ -116,24 +116,25 @@ class Attention(nn.Layer):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = FastLinear(dim, dim * 3, bias_attr=None if qkv_bias else False)
+        self.proj = FastLinear(dim, dim)
 
     def forward(self, x):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        # layers.transpose: contiguous on CPU; unbind (not indexing) so the backward is one concat
+        qkv = transpose(self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim]), [2, 0, 3, 1, 4])
+        q, k, v = paddle.unbind(qkv, axis=0)
         attn = F.softmax(paddle.matmul(q * self.scale, k, transpose_y=True), axis=-1)
-        x = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([B, N, C])
+        x = transpose(paddle.matmul(attn, v), [0, 2, 1, 3]).reshape([B, N, C])
         return self.proj(x)
 
 
 class Mlp(nn.Layer):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate=False)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = FastLinear(dim, hidden)
+        self.act = GELU()
+        self.fc2 = FastLinear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
