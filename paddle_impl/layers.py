@@ -15,6 +15,8 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
+from . import cpu_kernels
+
 
 def torch_momentum(m):
     """torch's BN momentum (weight of the new value) -> Paddle's (weight of the old value)."""
@@ -156,6 +158,9 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, x):
+        if (self.weight is not None and self.bias is not None and len(self._normalized_shape) == 1
+                and cpu_kernels.usable(x, self.weight, self.bias)):
+            return layer_norm_k(x, self.weight, self.bias, float(self._epsilon))
         if (_fast_cpu(x) and self.weight is not None and self.bias is not None
                 and len(self._normalized_shape) == 1 and _needs_grad(x, self.weight, self.bias)):
             return _LayerNormFn.apply(x, self.weight, self.bias, float(self._epsilon))
@@ -310,7 +315,10 @@ class _ExactGELU(PyLayer):
 
 
 def gelu(x):
-    """Exact GELU, F.gelu(x, approximate=False); on CPU with a fast backward (see _ExactGELU)."""
+    """Exact GELU, F.gelu(x, approximate=False); on CPU our kernels (cpu_kernels), else a fast backward
+    from Paddle's erf/exp (see _ExactGELU)."""
+    if cpu_kernels.usable(x):
+        return gelu_k(x)
     if _fast_cpu(x) and _needs_grad(x):
         return _ExactGELU.apply(x)
     return F.gelu(x, approximate=False)
@@ -359,3 +367,73 @@ def transpose(x, perm):
     if _needs_grad(x):
         return _DenseTranspose.apply(x, perm)
     return _dense_transpose(x, perm)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Our CPU kernels (paddle_impl/csrc/cpu_kernels.cc, built by cpu_kernels.py): multi-threaded SIMD softmax,
+# GELU and LayerNorm, forward and backward. Each function takes CPU float32/float64 tensors (callers check
+# cpu_kernels.usable) and records a PyLayer only where a gradient is needed.
+
+class _SoftmaxK(PyLayer):
+    @staticmethod
+    def forward(ctx, x, scale):
+        y = cpu_kernels.get().moco_softmax(cpu_kernels.contiguous(x), scale)
+        ctx.save_for_backward(y)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, = ctx.saved_tensor()
+        return cpu_kernels.get().moco_softmax_grad_k(y, cpu_kernels.contiguous(dy), ctx.scale)
+
+
+def softmax_scaled(x, scale):
+    """softmax(scale * x) over the last axis (scale > 0) with our kernel."""
+    scale = float(scale)
+    if _needs_grad(x):
+        return _SoftmaxK.apply(x, scale)
+    return cpu_kernels.get().moco_softmax(cpu_kernels.contiguous(x), scale)
+
+
+class _GeluK(PyLayer):
+    @staticmethod
+    def forward(ctx, x):
+        x = cpu_kernels.contiguous(x)
+        ctx.save_for_backward(x)
+        return cpu_kernels.get().moco_gelu(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, = ctx.saved_tensor()
+        return cpu_kernels.get().moco_gelu_grad_k(x, cpu_kernels.contiguous(dy))
+
+
+def gelu_k(x):
+    if _needs_grad(x):
+        return _GeluK.apply(x)
+    return cpu_kernels.get().moco_gelu(cpu_kernels.contiguous(x))
+
+
+class _LayerNormK(PyLayer):
+    @staticmethod
+    def forward(ctx, x, weight, bias, epsilon):
+        x = cpu_kernels.contiguous(x)
+        y, mean, rstd = cpu_kernels.get().moco_layer_norm(x, weight, bias, epsilon)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.needs = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensor()
+        dx, dw, db = cpu_kernels.get().moco_layer_norm_grad_k(x, weight, mean, rstd, cpu_kernels.contiguous(dy))
+        need_x, need_w, need_b = ctx.needs
+        return dx if need_x else None, dw if need_w else None, db if need_b else None
+
+
+def layer_norm_k(x, weight, bias, epsilon):
+    """LayerNorm over the last axis (biased variance, float64 epsilon) with our kernel."""
+    if _needs_grad(x, weight, bias):
+        return _LayerNormK.apply(x, weight, bias, float(epsilon))
+    return cpu_kernels.get().moco_layer_norm(cpu_kernels.contiguous(x), weight, bias, float(epsilon))[0]

@@ -12,7 +12,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .layers import GELU, BatchNorm2D, FastLinear, LayerNorm, torch_default_init_, transpose
+from . import cpu_kernels
+from .layers import GELU, BatchNorm2D, FastLinear, LayerNorm, softmax_scaled, torch_default_init_, transpose
 
 __all__ = ['vit_small', 'vit_base', 'vit_conv_small', 'vit_conv_base', 'vit_large', 'vit_huge',
            'VisionTransformerMoCo', 'ConvStem', 'PatchEmbed', 'build_2d_sincos_position_embedding',
@@ -124,7 +125,10 @@ class Attention(nn.Layer):
         # layers.transpose: contiguous on CPU; unbind (not indexing) so the backward is one concat
         qkv = transpose(self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim]), [2, 0, 3, 1, 4])
         q, k, v = paddle.unbind(qkv, axis=0)
-        attn = F.softmax(paddle.matmul(q * self.scale, k, transpose_y=True), axis=-1)
+        if cpu_kernels.usable(q):  # softmax(scale * q k^T) in one multi-threaded kernel
+            attn = softmax_scaled(paddle.matmul(q, k, transpose_y=True), self.scale)
+        else:
+            attn = F.softmax(paddle.matmul(q * self.scale, k, transpose_y=True), axis=-1)
         x = transpose(paddle.matmul(attn, v), [0, 2, 1, 3]).reshape([B, N, C])
         return self.proj(x)
 

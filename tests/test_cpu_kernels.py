@@ -1,0 +1,203 @@
+"""Our CPU kernels (paddle_impl/csrc/cpu_kernels.cc) against their definitions, forward and backward.
+
+float64: the kernels use the C library's exp/erf, so they must equal the definitions to rounding (1e-13).
+float32: the polynomial exp/erf must stay within a few float32 ulps of the float64 definition.
+The gradients are checked against Paddle's autograd of the definition (composed of Paddle's own ops).
+And the fallback (MOCO_CPU_KERNELS=0, Paddle's own ops) gives the same ViT numbers as the kernels.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from paddle_impl import cpu_kernels
+
+import paddle  # noqa: E402
+import paddle.nn.functional as F  # noqa: E402
+
+from paddle_impl import layers  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kernels_build_here():
+    """The speed claims of the README rest on these kernels: on this machine they must build."""
+    assert cpu_kernels.enabled_by_env()
+    mod = cpu_kernels.get()
+    assert mod is not None, cpu_kernels._state['error']
+    assert cpu_kernels.usable(paddle.zeros([2], dtype='float32'))
+
+
+def _t(a, grad=True):
+    t = paddle.to_tensor(a)
+    t.stop_gradient = not grad
+    return t
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+TOL = {'float64': 1e-13, 'float32': 2e-6}
+
+
+def _softmax_ref(x, scale):
+    return F.softmax(x * scale, axis=-1)
+
+
+def _gelu_ref(x):
+    return 0.5 * x * (1.0 + paddle.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def _ln_ref(x, w, b, eps):
+    mean = x.mean(axis=-1, keepdim=True)
+    xc = x - mean
+    var = (xc * xc).mean(axis=-1, keepdim=True)
+    return xc / paddle.sqrt(var + eps) * w + b
+
+
+@pytest.mark.parametrize('dtype', ['float64', 'float32'])
+def test_softmax_forward_backward(dtype):
+    rng = np.random.default_rng(0)
+    x0 = (rng.standard_normal((2, 3, 17, 33)) * 4).astype(dtype)
+    dy0 = rng.standard_normal(x0.shape).astype(dtype)
+    scale = 32 ** -0.5
+    x = _t(x0)
+    y = layers.softmax_scaled(x, scale)
+    (dx,) = paddle.grad(y, x, _t(dy0, False))
+    # reference in float64 whatever the dtype
+    xr = _t(x0.astype('float64'))
+    yr = _softmax_ref(xr, scale)
+    (dxr,) = paddle.grad(yr, xr, _t(dy0.astype('float64'), False))
+    assert y.dtype == x.dtype
+    assert _rel(y.numpy(), yr.numpy()) < TOL[dtype]
+    assert _rel(dx.numpy(), dxr.numpy()) < TOL[dtype] * 10
+    np.testing.assert_allclose(y.numpy().sum(-1), 1.0, rtol=TOL[dtype] * 10)
+
+
+def test_softmax_extremes():
+    """Large and very negative scores: no overflow, no NaN; underflowed entries are (near) 0."""
+    x = _t(np.array([[1000.0, 0.0, -1000.0, 999.0], [-1e4, -1e4, -1e4, -1e4]], dtype='float32'), False)
+    y = layers.softmax_scaled(x, 1.0).numpy()
+    assert np.isfinite(y).all()
+    ref = np.exp(np.array([0.0, -1000, -2000, -1.0]) - np.log1p(np.exp(-1.0)))
+    np.testing.assert_allclose(y[0], ref, atol=1e-7)
+    np.testing.assert_allclose(y[1], 0.25, rtol=1e-6)
+
+
+@pytest.mark.parametrize('dtype', ['float64', 'float32'])
+def test_gelu_forward_backward(dtype):
+    rng = np.random.default_rng(1)
+    x0 = np.concatenate([rng.standard_normal(5000) * 3, np.linspace(-12, 12, 2000), [0.0, -0.0, 1e-30, 5.0]])
+    x0 = x0.astype(dtype).reshape(-1, 4)
+    dy0 = rng.standard_normal(x0.shape).astype(dtype)
+    x = _t(x0)
+    y = layers.gelu_k(x)
+    (dx,) = paddle.grad(y, x, _t(dy0, False))
+    xr = _t(x0.astype('float64'))
+    yr = _gelu_ref(xr)
+    (dxr,) = paddle.grad(yr, xr, _t(dy0.astype('float64'), False))
+    tol = {'float64': 1e-14, 'float32': 3e-7}[dtype]  # A&S erf: |error| < 1.5e-7 (absolute, scaled by |x|)
+    assert np.abs(y.numpy() - yr.numpy()).max() / 12 < tol
+    assert np.abs(dx.numpy() - dxr.numpy()).max() / np.abs(dy0).max() < tol * 10
+    # and it is Paddle's exact GELU
+    np.testing.assert_allclose(y.numpy(), F.gelu(_t(x0, False)).numpy(), atol=1e-6 if dtype == 'float32' else 1e-14)
+
+
+@pytest.mark.parametrize('dtype', ['float64', 'float32'])
+def test_layer_norm_forward_backward(dtype):
+    rng = np.random.default_rng(2)
+    x0 = (rng.standard_normal((3, 11, 40)) * 2 + 1).astype(dtype)
+    x0[0, 0] = 1e-7 * rng.standard_normal(40)  # variance ~1e-14: epsilon dominates (the ViT's cls token)
+    w0 = rng.standard_normal(40).astype(dtype)
+    b0 = rng.standard_normal(40).astype(dtype)
+    dy0 = rng.standard_normal(x0.shape).astype(dtype)
+    eps = 1e-6
+    x, w, b = _t(x0), _t(w0), _t(b0)
+    y = layers.layer_norm_k(x, w, b, eps)
+    grads = paddle.grad(y, [x, w, b], _t(dy0, False))
+    xr, wr, br = (_t(a.astype('float64')) for a in (x0, w0, b0))
+    yr = _ln_ref(xr, wr, br, eps)
+    grads_r = paddle.grad(yr, [xr, wr, br], _t(dy0.astype('float64'), False))
+    tol = TOL[dtype] * (10 if dtype == 'float32' else 1)
+    assert _rel(y.numpy(), yr.numpy()) < tol
+    for g, gr in zip(grads, grads_r):
+        assert _rel(g.numpy(), gr.numpy()) < tol * 10
+
+
+def test_layer_norm_grad_only_where_needed():
+    rng = np.random.default_rng(3)
+    x = _t(rng.standard_normal((4, 8)))
+    w, b = _t(np.ones(8), False), _t(np.zeros(8))
+    y = layers.layer_norm_k(x, w, b, 1e-5)
+    y.sum().backward()
+    assert x.grad is not None and b.grad is not None and w.grad is None
+
+
+def test_non_contiguous_input():
+    """A transposed view (Paddle's stride kernels) is read as its values, not its memory."""
+    rng = np.random.default_rng(4)
+    base = _t(rng.standard_normal((5, 6)).astype('float32'), False)
+    view = paddle.transpose(base, [1, 0])
+    np.testing.assert_allclose(layers.softmax_scaled(view, 1.0).numpy(),
+                               F.softmax(paddle.to_tensor(base.numpy().T), -1).numpy(), rtol=2e-6)
+    np.testing.assert_allclose(layers.gelu_k(view).numpy(), F.gelu(paddle.to_tensor(base.numpy().T)).numpy(),
+                               atol=1e-6)
+
+
+def test_fallback_equals_kernels():
+    """MOCO_CPU_KERNELS=0 (Paddle's own ops) and the kernels give the same ViT loss and gradients (float64)."""
+    code = r'''
+import json, sys
+import numpy as np
+import paddle
+from paddle_impl import cpu_kernels
+from paddle_impl.models import build_moco
+from paddle_impl.layers import model_parameters
+paddle.set_default_dtype('float64')
+paddle.seed(0)
+m = build_moco('vit_small', 16, 32, 0.2, 32, True, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+m.train()
+rng = np.random.default_rng(0)
+x1, x2 = (paddle.to_tensor(rng.standard_normal((4, 3, 32, 32))) for _ in range(2))
+loss = m(x1, x2, 0.99)
+loss.backward()
+g = np.concatenate([p.grad.numpy().ravel() for p in model_parameters(m.base_encoder) if p.grad is not None])
+print(json.dumps({'on': cpu_kernels.get() is not None, 'loss': float(loss), 'g': g.tolist()}))
+'''
+    out = {}
+    for flag in ('1', '0'):
+        env = dict(os.environ, MOCO_CPU_KERNELS=flag, PYTHONPATH=ROOT)
+        r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300,
+                           cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-2000:]
+        import json
+        out[flag] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out['1']['on'] and not out['0']['on']
+    assert abs(out['1']['loss'] - out['0']['loss']) <= 1e-13 * abs(out['0']['loss'])
+    assert _rel(out['1']['g'], out['0']['g']) < 1e-12
+
+
+def test_build_failure_falls_back(tmp_path):
+    """No compiler: one warning line, and Paddle's own ops run (same numbers)."""
+    code = r'''
+import numpy as np, paddle
+from paddle_impl import cpu_kernels, layers
+assert cpu_kernels.get() is None
+x = paddle.to_tensor(np.linspace(-3, 3, 12).reshape(3, 4))
+print(float(layers.gelu(x).sum()))
+'''
+    env = dict(os.environ, PYTHONPATH=ROOT, MOCO_KERNEL_CACHE=str(tmp_path), CXX='/nonexistent/c++',
+               CC='/nonexistent/cc', PATH='/nonexistent')
+    r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    warn = [line for line in r.stderr.splitlines() if 'CPU kernels not built' in line]
+    assert len(warn) == 1, r.stderr[-2000:]
+    x = np.linspace(-3, 3, 12)
+    ref = (0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))).sum()
+    assert abs(float(r.stdout.strip().splitlines()[-1]) - ref) < 1e-12
