@@ -1,12 +1,18 @@
 """Paddle port vs the PyTorch reference, measured in one run: training step, memory, augmentation, GFLOP/s.
 
-    python -m bench.bench [--quick] [--device cpu|gpu] [--out bench/results.json]
+    python -m bench.bench [--quick] [--device cpu|gpu] [--allocator tuned|default|both] [--out bench/results.json]
 
 Every measurement runs in worker processes, one framework per process (as in real training: no second
 OpenMP runtime and no other framework's allocations in the process), and the parent alternates between the
 paddle and the torch worker call by call: warm-up, then the median over repetitions, the order reversed on
 every other round, with a short pause between calls so that one side's idle OpenMP threads stop spinning
 before the other side starts.
+
+Both frameworks' workers get the same environment, including glibc's malloc settings: by default those that
+paddle_impl sets for itself at import (``paddle_impl.MALLOC_ENV``: freed memory is kept for reuse rather
+than unmapped; on the test VM first-touch page faults otherwise cost Paddle ~15% of a ResNet step and torch
+~5%); ``--allocator both`` also measures the steps with glibc's defaults on both sides
+(``step_time_<model>_glibc_default``).
 
 Items (each reported as paddle, torch, ratio = paddle / torch, units):
   step_time_<model>    one complete MoCo v3 training step: both views through the base encoder and the
@@ -450,9 +456,9 @@ def measure_gemm(size, device, log, infos=None, env=None):
     return out
 
 
-def measure_aug(size, log):
+def measure_aug(size, log, env=None):
     import tempfile
-    env = dict(os.environ, OMP_NUM_THREADS='1')  # one DataLoader worker
+    env = dict(env or os.environ, OMP_NUM_THREADS='1')  # one DataLoader worker
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(tmp, size['aug_images'], size['aug_size'])
         with Pair('cpu', role='aug', env=env) as w:
@@ -512,7 +518,8 @@ def machine_info(framework=None, device='cpu'):
         pass
     info['cores'] = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     info['env'] = {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'OMP_WAIT_POLICY',
-                                                  'KMP_BLOCKTIME')}
+                                                  'KMP_BLOCKTIME', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_',
+                                                  'MOCO_MALLOC_TUNE', 'MOCO_CPU_KERNELS')}
     info['python'] = platform.python_version()
     info['platform'] = platform.platform()
     versions = {}
@@ -537,12 +544,27 @@ def machine_info(framework=None, device='cpu'):
     return info
 
 
-def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print):
+def allocator_env(env, mode):
+    """The worker environment for an allocator mode, the same for both frameworks: 'tuned' = glibc malloc
+    keeps freed memory (paddle_impl.MALLOC_ENV, what paddle_impl sets for itself at import); 'default' =
+    glibc's defaults (and paddle_impl told not to tune)."""
+    from paddle_impl import MALLOC_ENV
+    env = {k: v for k, v in env.items() if k not in MALLOC_ENV and k != 'MOCO_MALLOC_TUNE'}
+    if mode == 'tuned':
+        env.update(MALLOC_ENV)
+    else:
+        env['MOCO_MALLOC_TUNE'] = '0'
+    return env
+
+
+def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print, allocator='tuned'):
     skey = 'quick' if quick else device
     size = SIZES[skey]
     env = dict(os.environ)
     if threads:
         env['OMP_NUM_THREADS'] = str(threads)
+    base_env = env
+    env = allocator_env(base_env, 'default' if allocator == 'default' else 'tuned')
     results = {}
     infos = {}
     load_before = os.getloadavg() if hasattr(os, 'getloadavg') else None
@@ -552,16 +574,22 @@ def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print
     machine['paddle_flags'] = infos['paddle'].get('paddle_flags')
     machine['settings'] = dict(size, size_name=skey, settle_s=SETTLE_S, crop_min=CROP_MIN, momentum=MOMENTUM)
     log(f'machine: {machine["cpu"]}, {machine["cores"]} cores, env {machine["env"]}')
-    results['aug_throughput'] = measure_aug(size, log)
+    results['aug_throughput'] = measure_aug(size, log, env)
     for name in models:
         results.update(measure_model(name, skey, device, log, env))
+    machine['allocator'] = 'default' if allocator == 'default' else 'tuned'
+    if allocator == 'both':  # the same steps again with glibc's default malloc settings on both sides
+        for name in models:
+            res = measure_model(name, skey, device, log, allocator_env(base_env, 'default'))
+            results[f'step_time_{name}_glibc_default'] = dict(res[f'step_time_{name}'], allocator='default')
     machine['load_average'] = {'start': load_before,
                                'end': os.getloadavg() if hasattr(os, 'getloadavg') else None}
     results['machine'] = machine
     return results
 
 
-ORDER = ['step_time_vit_small', 'step_time_resnet50', 'peak_memory_vit_small', 'peak_memory_resnet50',
+ORDER = ['step_time_vit_small', 'step_time_resnet50', 'step_time_vit_small_glibc_default',
+         'step_time_resnet50_glibc_default', 'peak_memory_vit_small', 'peak_memory_resnet50',
          'aug_throughput', 'gflops_vit_small', 'gflops_resnet50', 'gemm_peak']
 
 
@@ -593,6 +621,9 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=None,
                    help='OMP_NUM_THREADS of the GEMM and training-step workers (default: inherited; '
                         'paddle_impl sets all cores)')
+    p.add_argument('--allocator', default='tuned', choices=('tuned', 'default', 'both'),
+                   help="glibc malloc settings of both frameworks' workers: 'tuned' (paddle_impl.MALLOC_ENV: "
+                        "freed memory is kept for reuse), 'default' (glibc's), 'both' (the steps with each)")
     p.add_argument('--worker', choices=FRAMEWORKS, help=argparse.SUPPRESS)
     p.add_argument('--worker-role', default='model', choices=('model', 'aug'), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -604,7 +635,7 @@ def main(argv=None):
         if m not in MODELS:
             p.error(f"unknown model '{m}'; known: {', '.join(MODELS)}")
     try:
-        results = run(args.quick, args.device, models, args.threads)
+        results = run(args.quick, args.device, models, args.threads, allocator=args.allocator)
     except RuntimeError as e:
         print(f'bench failed: {e}', file=sys.stderr)
         return 1

@@ -437,3 +437,93 @@ def layer_norm_k(x, weight, bias, epsilon):
     if _needs_grad(x, weight, bias):
         return _LayerNormK.apply(x, weight, bias, float(epsilon))
     return cpu_kernels.get().moco_layer_norm(cpu_kernels.contiguous(x), weight, bias, float(epsilon))[0]
+
+
+class _Conv2dK(PyLayer):
+    """Convolution (groups 1, dilation 1, no bias) as our parallel im2col + one batched GEMM (MKL):
+    y[n] = W[Co, C*KH*KW] @ cols[n]. Backward: dW = sum_n dy[n] @ cols[n]^T (the columns are rebuilt
+    rather than kept: memory), dx = col2im(W^T @ dy[n])."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding):
+        x = cpu_kernels.contiguous(x)
+        co, _, kh, kw = weight.shape
+        n, c, h, w = x.shape
+        geom = [kh, kw, stride[0], stride[1], padding[0], padding[1]]
+        cols = cpu_kernels.get().moco_im2col(x, *geom)
+        y = paddle.matmul(weight.reshape([co, -1]), cols)
+        ctx.save_for_backward(x, weight)
+        ctx.geom = geom
+        ctx.needs = (not x.stop_gradient, not weight.stop_gradient)
+        ho = (h + 2 * padding[0] - kh) // stride[0] + 1
+        wo = (w + 2 * padding[1] - kw) // stride[1] + 1
+        return y.reshape([n, co, ho, wo])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensor()
+        need_x, need_w = ctx.needs
+        k = cpu_kernels.get()
+        n, c, h, w = x.shape
+        co = weight.shape[0]
+        dy3 = cpu_kernels.contiguous(dy).reshape([n, co, -1])
+        dx = dw = None
+        if need_w:
+            cols = k.moco_im2col(x, *ctx.geom)
+            dw = paddle.matmul(dy3, cols, transpose_y=True).sum(axis=0).reshape(weight.shape)
+        if need_x:
+            dcols = paddle.matmul(weight.reshape([co, -1]), dy3, transpose_x=True)
+            dx = k.moco_col2im(dcols, c, h, w, *ctx.geom)
+        return dx, dw
+
+
+def conv2d_k(x, weight, stride, padding):
+    """F.conv2d(x, weight, stride=stride, padding=padding) (NCHW, no bias, groups 1) with our im2col."""
+    stride, padding = [int(s) for s in stride], [int(p) for p in padding]
+    if _needs_grad(x, weight):
+        return _Conv2dK.apply(x, weight, stride, padding)
+    co, _, kh, kw = weight.shape
+    n, c, h, w = x.shape
+    cols = cpu_kernels.get().moco_im2col(cpu_kernels.contiguous(x), kh, kw, *stride, *padding)
+    ho = (h + 2 * padding[0] - kh) // stride[0] + 1
+    wo = (w + 2 * padding[1] - kw) // stride[1] + 1
+    return paddle.matmul(weight.reshape([co, -1]), cols).reshape([n, co, ho, wo])
+
+
+def _pair(v):
+    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+
+
+def conv_k_applies(layer, x):
+    """Our im2col path applies to this nn.Conv2D call: CPU float32/64, NCHW, groups 1, dilation 1, no bias,
+    numeric padding, a kernel larger than 1x1 (1x1 convolutions are already one GEMM in Paddle)."""
+    if layer._groups != 1 or layer.bias is not None or layer._data_format != 'NCHW':
+        return False
+    if _pair(layer._dilation) != [1, 1] or isinstance(layer._padding, str):
+        return False
+    if list(layer._kernel_size) == [1, 1]:
+        return False
+    pad = layer._padding
+    if not isinstance(pad, int) and (len(pad) != 2 or not all(isinstance(p, int) for p in pad)):
+        return False
+    if getattr(layer, '_padding_mode', 'zeros') != 'zeros':
+        return False
+    return cpu_kernels.usable(x, layer.weight)
+
+
+class Conv2D(nn.Conv2D):
+    """nn.Conv2D; on CPU, where conv_k_applies, computed by conv2d_k (same numbers, parallel im2col)."""
+
+    def forward(self, x):
+        if conv_k_applies(self, x):
+            return conv2d_k(x, self.weight, _pair(self._stride), _pair(self._padding))
+        return super().forward(x)
+
+
+def use_fast_conv(layer):
+    """Make every plain nn.Conv2D inside ``layer`` a Conv2D above (same parameters, names and init; only the
+    CPU forward/backward changes)."""
+    for m in [layer] + list(layer.sublayers()):
+        if type(m) is nn.Conv2D:
+            m.__class__ = Conv2D
+    return layer

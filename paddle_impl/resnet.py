@@ -11,7 +11,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.vision.models import resnet as _pv_resnet
 
-from .layers import Linear, replace_batchnorm2d
+from .layers import Linear, replace_batchnorm2d, use_fast_conv
 
 
 def _kaiming_normal_fan_out_(conv):
@@ -47,4 +47,4 @@ def resnet50(num_classes=1000, zero_init_residual=False):
             if isinstance(m, _pv_resnet.BottleneckBlock):
                 m.bn3.weight.set_value(paddle.zeros_like(m.bn3.weight))
     model.fc = Linear(2048, num_classes)
-    return model
+    return use_fast_conv(model)

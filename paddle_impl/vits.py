@@ -13,7 +13,8 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from . import cpu_kernels
-from .layers import GELU, BatchNorm2D, FastLinear, LayerNorm, softmax_scaled, torch_default_init_, transpose
+from .layers import (GELU, BatchNorm2D, FastLinear, LayerNorm, softmax_scaled, torch_default_init_, transpose,
+                     use_fast_conv)
 
 __all__ = ['vit_small', 'vit_base', 'vit_conv_small', 'vit_conv_base', 'vit_large', 'vit_huge',
            'VisionTransformerMoCo', 'ConvStem', 'PatchEmbed', 'build_2d_sincos_position_embedding',
@@ -98,7 +99,7 @@ class ConvStem(nn.Layer):
             input_dim = output_dim
             output_dim *= 2
         stem.append(torch_default_init_(nn.Conv2D(input_dim, embed_dim, kernel_size=1)))
-        self.proj = nn.Sequential(*stem)
+        self.proj = use_fast_conv(nn.Sequential(*stem))
 
     def forward(self, x):
         _check_input(x, self.img_size)

@@ -201,3 +201,52 @@ print(float(layers.gelu(x).sum()))
     x = np.linspace(-3, 3, 12)
     ref = (0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))).sum()
     assert abs(float(r.stdout.strip().splitlines()[-1]) - ref) < 1e-12
+
+
+CONV_CASES = [  # (N, C, H, W, Co, KH, KW, stride, padding)
+    (2, 3, 17, 19, 4, 3, 3, (1, 1), (1, 1)),
+    (2, 5, 16, 16, 3, 3, 3, (2, 2), (1, 1)),
+    (1, 3, 23, 23, 6, 7, 7, (2, 2), (3, 3)),   # the ResNet stem
+    (2, 4, 9, 12, 5, 3, 5, (1, 2), (0, 2)),    # rectangular kernel, per-axis stride and padding
+    (1, 2, 5, 5, 2, 5, 5, (1, 1), (0, 0)),     # a single output position
+    (2, 3, 16, 16, 4, 8, 8, (8, 8), (0, 0)),   # a patch embedding
+]
+
+
+@pytest.mark.parametrize('case', CONV_CASES)
+@pytest.mark.parametrize('dtype', ['float64', 'float32'])
+def test_conv2d_against_paddle(case, dtype):
+    n, c, h, w, co, kh, kw, stride, padding = case
+    rng = np.random.default_rng(5)
+    x0 = rng.standard_normal((n, c, h, w)).astype(dtype)
+    w0 = rng.standard_normal((co, c, kh, kw)).astype(dtype)
+    x, wt = _t(x0), _t(w0)
+    y = layers.conv2d_k(x, wt, stride, padding)
+    dy0 = rng.standard_normal(y.shape).astype(dtype)
+    dx, dw = paddle.grad(y, [x, wt], _t(dy0, False))
+    xr, wr = _t(x0.astype('float64')), _t(w0.astype('float64'))
+    yr = F.conv2d(xr, wr, stride=list(stride), padding=list(padding))
+    dxr, dwr = paddle.grad(yr, [xr, wr], _t(dy0.astype('float64'), False))
+    assert y.shape == yr.shape
+    tol = 1e-14 if dtype == 'float64' else 2e-6
+    for a, b in [(y, yr), (dx, dxr), (dw, dwr)]:
+        assert _rel(a.numpy(), b.numpy()) < tol
+
+
+def test_conv_layer_routing():
+    """Conv2D uses the kernels only where they compute the same thing; elsewhere Paddle's convolution."""
+    paddle.seed(0)
+    x = paddle.randn([1, 4, 8, 8])
+    plain = layers.Conv2D(4, 4, 3, padding=1, bias_attr=False)
+    assert layers.conv_k_applies(plain, x)
+    for kw in (dict(bias_attr=None), dict(groups=2, bias_attr=False), dict(dilation=2, bias_attr=False),
+               dict(padding='SAME', bias_attr=False)):
+        other = layers.Conv2D(4, 4, 3, **kw)
+        assert not layers.conv_k_applies(other, x), kw
+        ref = paddle.nn.Conv2D(4, 4, 3, **kw)
+        ref.set_state_dict(other.state_dict())
+        np.testing.assert_allclose(other(x).numpy(), ref(x).numpy(), rtol=1e-6)
+    assert not layers.conv_k_applies(layers.Conv2D(4, 4, 1, bias_attr=False), x)  # 1x1: already a GEMM
+    ref = paddle.nn.Conv2D(4, 4, 3, padding=1, bias_attr=False)
+    ref.set_state_dict(plain.state_dict())
+    np.testing.assert_allclose(plain(x).numpy(), ref(x).numpy(), rtol=2e-6, atol=1e-6)
