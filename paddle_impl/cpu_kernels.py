@@ -101,9 +101,9 @@ def _build():
                             build_directory=build_dir, verbose=False)
         except Exception as e:  # noqa: BLE001 - any build failure means: use Paddle's own ops
             log.seek(0)
-            tail = [line for line in log.read().splitlines() if 'error' in line.lower()][-1:]
-            raise RuntimeError(f'{type(e).__name__}: {e}'.splitlines()[0]
-                               + (f' ({tail[0].strip()})' if tail else '')) from e
+            errors = [line.strip() for line in log.read().splitlines() if 'error' in line.lower()]
+            first = errors[0][:200] if errors else f'{type(e).__name__}: {str(e)[:200]}'
+            raise RuntimeError(f'building {_SRC} failed: {first}') from e
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -119,7 +119,7 @@ def get():
         _state['module'] = _build()
     except Exception as e:  # noqa: BLE001
         _state['error'] = str(e)
-        first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        first = str(e).splitlines()[0][:400] if str(e) else type(e).__name__
         print(f'moco-v3 paddle: CPU kernels not built ({first}); using Paddle\'s own CPU ops '
               f'(same results, slower; MOCO_CPU_KERNELS=0 hides this)', file=sys.stderr)
     return _state['module']

@@ -303,12 +303,18 @@ std::vector<paddle::Tensor> LayerNormBackward(const paddle::Tensor& x, const pad
 
 
 // ---------------------------------------------------------------------------------------------------------
-// im2col: x [N, C, H, W] -> cols [N, C*KH*KW, HO*WO], row (c, i, j) holding x[n, c, oh*SH - PH + i,
+// im2col: x [N, C, H, W] -> cols [N, C*KH*KW, HO*WO] (or [C*KH*KW, N*HO*WO]), row (c, i, j) holding x[n, c, oh*SH - PH + i,
 // ow*SW - PW + j] (0 outside the image). col2im is its adjoint: dx[n, c, h, w] = the sum of the dcols entries
 // that were read from (n, c, h, w); each (n, c) plane is summed by one thread in a fixed order.
 
 struct ConvGeom {
   int64_t N, C, H, W, KH, KW, SH, SW, PH, PW, HO, WO;
+  bool cn;  // columns laid out [C*KH*KW, N, HO*WO] (one GEMM for the whole batch) instead of [N, C*KH*KW, HO*WO]
+  // offset of the column row (n, c, kernel position ij)
+  inline int64_t row(int64_t n, int64_t c, int64_t ij) const {
+    const int64_t L = HO * WO, KK = KH * KW;
+    return cn ? ((c * KK + ij) * N + n) * L : ((n * C + c) * KK + ij) * L;
+  }
   // the output columns ow whose input column ow*SW - PW + j lies in [0, W)
   inline void ow_range(int64_t j, int64_t* lo, int64_t* hi) const {
     int64_t a = PW - j;  // ow*SW >= a
@@ -321,15 +327,13 @@ struct ConvGeom {
 
 template <typename T>
 void im2col_k(const T* x, T* cols, const ConvGeom& g) {
-  const int64_t L = g.HO * g.WO, KK = g.KH * g.KW;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t n = 0; n < g.N; ++n) {
     for (int64_t c = 0; c < g.C; ++c) {
       const T* xp = x + (n * g.C + c) * g.H * g.W;
-      T* cp = cols + (n * g.C + c) * KK * L;
       for (int64_t i = 0; i < g.KH; ++i) {
         for (int64_t j = 0; j < g.KW; ++j) {
-          T* out = cp + (i * g.KW + j) * L;
+          T* out = cols + g.row(n, c, i * g.KW + j);
           int64_t lo, hi;
           g.ow_range(j, &lo, &hi);
           for (int64_t oh = 0; oh < g.HO; ++oh) {
@@ -356,16 +360,14 @@ void im2col_k(const T* x, T* cols, const ConvGeom& g) {
 
 template <typename T>
 void col2im_k(const T* cols, T* x, const ConvGeom& g) {
-  const int64_t L = g.HO * g.WO, KK = g.KH * g.KW;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t n = 0; n < g.N; ++n) {
     for (int64_t c = 0; c < g.C; ++c) {
       T* xp = x + (n * g.C + c) * g.H * g.W;
-      const T* cp = cols + (n * g.C + c) * KK * L;
       std::fill(xp, xp + g.H * g.W, T(0));
       for (int64_t i = 0; i < g.KH; ++i) {
         for (int64_t j = 0; j < g.KW; ++j) {
-          const T* in = cp + (i * g.KW + j) * L;
+          const T* in = cols + g.row(n, c, i * g.KW + j);
           int64_t lo, hi;
           g.ow_range(j, &lo, &hi);
           for (int64_t oh = 0; oh < g.HO; ++oh) {
@@ -387,10 +389,10 @@ void col2im_k(const T* cols, T* x, const ConvGeom& g) {
 }
 
 ConvGeom make_geom(const std::vector<int64_t>& xs, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
-                   int64_t pw) {
+                   int64_t pw, bool cn) {
   PD_CHECK(xs.size() == 4, "moco_im2col: expected an NCHW tensor");
   PD_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && ph >= 0 && pw >= 0, "moco_im2col: bad geometry");
-  ConvGeom g{xs[0], xs[1], xs[2], xs[3], kh, kw, sh, sw, ph, pw, 0, 0};
+  ConvGeom g{xs[0], xs[1], xs[2], xs[3], kh, kw, sh, sw, ph, pw, 0, 0, cn};
   g.HO = (g.H + 2 * ph - kh) / sh + 1;
   g.WO = (g.W + 2 * pw - kw) / sw + 1;
   PD_CHECK(g.HO > 0 && g.WO > 0, "moco_im2col: kernel larger than the padded input");
@@ -398,29 +400,111 @@ ConvGeom make_geom(const std::vector<int64_t>& xs, int64_t kh, int64_t kw, int64
 }
 
 std::vector<paddle::Tensor> Im2Col(const paddle::Tensor& x, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
-                                   int64_t ph, int64_t pw) {
+                                   int64_t ph, int64_t pw, bool cn) {
   check_cpu(x, "moco_im2col");
-  const ConvGeom g = make_geom(x.shape(), kh, kw, sh, sw, ph, pw);
-  auto cols = paddle::empty({g.N, g.C * kh * kw, g.HO * g.WO}, x.dtype(), x.place());
+  const ConvGeom g = make_geom(x.shape(), kh, kw, sh, sw, ph, pw, cn);
+  auto cols = cn ? paddle::empty({g.C * kh * kw, g.N * g.HO * g.WO}, x.dtype(), x.place())
+                 : paddle::empty({g.N, g.C * kh * kw, g.HO * g.WO}, x.dtype(), x.place());
   PD_DISPATCH_FLOATING_TYPES(x.type(), "moco_im2col", ([&] {
     im2col_k<data_t>(x.data<data_t>(), cols.data<data_t>(), g);
   }));
   return {cols};
 }
 
-std::vector<paddle::Tensor> Col2Im(const paddle::Tensor& cols, int64_t C, int64_t H, int64_t W, int64_t kh,
-                                   int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+std::vector<paddle::Tensor> Col2Im(const paddle::Tensor& cols, int64_t N, int64_t C, int64_t H, int64_t W,
+                                   int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool cn) {
   check_cpu(cols, "moco_col2im");
-  const auto cs = cols.shape();
-  PD_CHECK(cs.size() == 3, "moco_col2im: expected [N, C*KH*KW, HO*WO]");
-  const ConvGeom g = make_geom({cs[0], C, H, W}, kh, kw, sh, sw, ph, pw);
-  PD_CHECK(cs[1] == C * kh * kw && cs[2] == g.HO * g.WO, "moco_col2im: columns do not match the geometry");
+  const ConvGeom g = make_geom({N, C, H, W}, kh, kw, sh, sw, ph, pw, cn);
+  PD_CHECK(cols.numel() == N * C * kh * kw * g.HO * g.WO, "moco_col2im: columns do not match the geometry");
   auto x = paddle::empty({g.N, C, H, W}, cols.dtype(), cols.place());
   PD_DISPATCH_FLOATING_TYPES(cols.type(), "moco_col2im", ([&] {
     col2im_k<data_t>(cols.data<data_t>(), x.data<data_t>(), g);
   }));
   return {x};
 }
+
+
+// ---------------------------------------------------------------------------------------------------------
+// Optimizer-side updates, in place, one pass (or two) over the parameter on all threads. Sums of squares are
+// accumulated in double per thread and added in thread order.
+
+template <typename T>
+void ema_k(T* pm, const T* pb, int64_t n, T m) {
+  const T w = T(1) - m;
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) pm[i] = pm[i] * m + pb[i] * w;  // official: p_m * m + p_b * (1 - m)
+}
+
+void EmaInplace(paddle::Tensor& pm, const paddle::Tensor& pb, double m) {
+  check_cpu(pm, "moco_ema_");
+  check_cpu(pb, "moco_ema_");
+  PD_CHECK(pm.numel() == pb.numel() && pm.dtype() == pb.dtype(), "moco_ema_: tensors differ");
+  PD_DISPATCH_FLOATING_TYPES(pm.type(), "moco_ema_", ([&] {
+    ema_k<data_t>(pm.data<data_t>(), pb.data<data_t>(), pm.numel(), static_cast<data_t>(m));
+  }));
+}
+
+// LARS (official moco-v3 optimizer.py): for a parameter with ndim > 1, dp = g + wd * p and
+// q = tc * ||p|| / ||dp|| (1 where either norm is 0), dp *= q; then mu = momentum * mu + dp, p -= lr * mu.
+template <typename T>
+void lars_k(T* p, const T* g, T* mu, int64_t n, T lr, T wd, T momentum, double tc, bool adapt) {
+  T q = T(1);
+  if (adapt) {
+    int nthreads = 1;
+#ifdef _OPENMP
+    nthreads = omp_get_max_threads();
+#endif
+    std::vector<double> part(static_cast<size_t>(nthreads) * 2, 0.0);
+#pragma omp parallel num_threads(nthreads)
+    {
+      int tid = 0;
+#ifdef _OPENMP
+      tid = omp_get_thread_num();
+#endif
+      int nt = 1;
+#ifdef _OPENMP
+      nt = omp_get_num_threads();
+#endif
+      const int64_t lo = n * tid / nt, hi = n * (tid + 1) / nt;  // this thread's share, a fixed split
+      double sp = 0, sd = 0;
+#pragma omp simd reduction(+ : sp, sd)
+      for (int64_t i = lo; i < hi; ++i) {
+        const T d = g[i] + wd * p[i];
+        sp += static_cast<double>(p[i]) * static_cast<double>(p[i]);
+        sd += static_cast<double>(d) * static_cast<double>(d);
+      }
+      part[2 * tid] = sp;
+      part[2 * tid + 1] = sd;
+    }
+    double sp = 0, sd = 0;
+    for (int t = 0; t < nthreads; ++t) {
+      sp += part[2 * t];
+      sd += part[2 * t + 1];
+    }
+    const T pn = static_cast<T>(std::sqrt(sp)), dn = static_cast<T>(std::sqrt(sd));
+    if (pn > T(0) && dn > T(0)) q = static_cast<T>(tc) * pn / dn;
+  }
+  const T w = adapt ? wd : T(0);
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const T d = (g[i] + w * p[i]) * q;
+    mu[i] = mu[i] * momentum + d;
+    p[i] = p[i] - lr * mu[i];
+  }
+}
+
+void LarsInplace(paddle::Tensor& p, const paddle::Tensor& g, paddle::Tensor& mu, double lr, double wd,
+                 double momentum, double tc, bool adapt) {
+  check_cpu(p, "moco_lars_");
+  check_cpu(g, "moco_lars_");
+  check_cpu(mu, "moco_lars_");
+  PD_CHECK(p.numel() == g.numel() && p.numel() == mu.numel(), "moco_lars_: tensors differ in size");
+  PD_DISPATCH_FLOATING_TYPES(p.type(), "moco_lars_", ([&] {
+    lars_k<data_t>(p.data<data_t>(), g.data<data_t>(), mu.data<data_t>(), p.numel(), static_cast<data_t>(lr),
+                   static_cast<data_t>(wd), static_cast<data_t>(momentum), tc, adapt);
+  }));
+}
+
 
 }  // namespace
 
@@ -460,12 +544,26 @@ PD_BUILD_OP(moco_layer_norm_grad_k)
 PD_BUILD_OP(moco_im2col)
     .Inputs({"X"})
     .Outputs({"Cols"})
-    .Attrs({"kh: int64_t", "kw: int64_t", "sh: int64_t", "sw: int64_t", "ph: int64_t", "pw: int64_t"})
+    .Attrs({"kh: int64_t", "kw: int64_t", "sh: int64_t", "sw: int64_t", "ph: int64_t", "pw: int64_t", "cn: bool"})
     .SetKernelFn(PD_KERNEL(Im2Col));
 
 PD_BUILD_OP(moco_col2im)
     .Inputs({"Cols"})
     .Outputs({"X"})
-    .Attrs({"C: int64_t", "H: int64_t", "W: int64_t", "kh: int64_t", "kw: int64_t", "sh: int64_t", "sw: int64_t",
-            "ph: int64_t", "pw: int64_t"})
+    .Attrs({"N: int64_t", "C: int64_t", "H: int64_t", "W: int64_t", "kh: int64_t", "kw: int64_t", "sh: int64_t",
+            "sw: int64_t", "ph: int64_t", "pw: int64_t", "cn: bool"})
     .SetKernelFn(PD_KERNEL(Col2Im));
+
+PD_BUILD_OP(moco_ema_)
+    .Inputs({"PM", "PB"})
+    .Outputs({"PMOut"})
+    .Attrs({"m: double"})
+    .SetInplaceMap({{"PM", "PMOut"}})
+    .SetKernelFn(PD_KERNEL(EmaInplace));
+
+PD_BUILD_OP(moco_lars_)
+    .Inputs({"P", "G", "Mu"})
+    .Outputs({"POut", "MuOut"})
+    .Attrs({"lr: double", "wd: double", "momentum: double", "tc: double", "adapt: bool"})
+    .SetInplaceMap({{"P", "POut"}, {"Mu", "MuOut"}})
+    .SetKernelFn(PD_KERNEL(LarsInplace));
