@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(VPY) demo/run_demo.py --out demo_out
 
 bench: $(STAMP)
-	$(VPY) -m bench.bench --out bench/results.json
+	$(VPY) -m bench.bench --allocator both --out bench/results.json
 
 clean:
 	rm -rf $(VENV)

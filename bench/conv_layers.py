@@ -1,0 +1,71 @@
+"""Per-layer convolution timings of ResNet-50 (batch 8, 224, one view, forward + backward, float32):
+Paddle's own F.conv2d, ours (paddle_impl.layers.conv2d_k: parallel im2col + one GEMM) and torch, interleaved,
+median of 5. The ResNet-50 model uses ours only for kernels larger than 1x1.
+
+    python -m bench.conv_layers       (not part of make bench; ~2 min on 2 cores)
+"""
+import time
+
+import paddle_impl  # noqa: F401  (thread and allocator defaults before paddle loads)
+
+# (in channels, input size, out channels, kernel, stride, layers of this shape in one ResNet-50 forward)
+SHAPES = [(3, 224, 64, 7, 2, 1), (64, 56, 64, 1, 1, 1), (64, 56, 64, 3, 1, 3), (64, 56, 256, 1, 1, 4),
+          (256, 56, 64, 1, 1, 2), (256, 56, 128, 1, 1, 1), (128, 56, 128, 3, 2, 1), (128, 28, 512, 1, 1, 4),
+          (256, 56, 512, 1, 2, 1), (512, 28, 128, 1, 1, 3), (128, 28, 128, 3, 1, 3), (512, 28, 256, 1, 1, 1),
+          (256, 28, 256, 3, 2, 1), (256, 14, 1024, 1, 1, 6), (512, 28, 1024, 1, 2, 1), (1024, 14, 256, 1, 1, 5),
+          (256, 14, 256, 3, 1, 5), (1024, 14, 512, 1, 1, 1), (512, 14, 512, 3, 2, 1), (512, 7, 2048, 1, 1, 3),
+          (1024, 14, 2048, 1, 2, 1), (2048, 7, 512, 1, 1, 2), (512, 7, 512, 3, 1, 2)]
+
+
+def main():
+    import numpy as np
+    import paddle
+    import paddle.nn.functional as F
+    import torch
+
+    from paddle_impl import cpu_kernels, layers
+    if cpu_kernels.get() is None:
+        raise SystemExit('our CPU kernels are not built here (see the warning above)')
+    rng = np.random.default_rng(0)
+    total = {'paddle': 0.0, 'ours': 0.0, 'torch': 0.0}
+    print('in, size, out, k, stride, count: forward+backward ms (median of 5)')
+    for c, h, co, k, s, count in SHAPES:
+        p = k // 2
+        x = paddle.to_tensor(rng.standard_normal((8, c, h, h)).astype('float32'))
+        x.stop_gradient = c == 3  # the images take no gradient
+        w = paddle.to_tensor(rng.standard_normal((co, c, k, k)).astype('float32') * 0.05)
+        w.stop_gradient = False
+        tx = torch.from_numpy(x.numpy()).requires_grad_(c != 3)
+        tw = torch.from_numpy(w.numpy()).requires_grad_()
+        ins, tins = ([w], [tw]) if c == 3 else ([x, w], [tx, tw])
+
+        def paddle_own():
+            y = F.conv2d(x, w, stride=s, padding=p)
+            paddle.grad(y, ins, y)
+
+        def ours():
+            y = layers.conv2d_k(x, w, [s, s], [p, p])
+            paddle.grad(y, ins, y)
+
+        def torch_conv():
+            y = torch.nn.functional.conv2d(tx, tw, stride=s, padding=p)
+            torch.autograd.grad(y, tins, y)
+
+        fns = {'paddle': paddle_own, 'ours': ours, 'torch': torch_conv}
+        times = {n: [] for n in fns}
+        for f in fns.values():
+            f()
+        for _ in range(5):
+            for n, f in fns.items():
+                t = time.perf_counter()
+                f()
+                times[n].append(time.perf_counter() - t)
+        med = {n: sorted(v)[2] * 1e3 for n, v in times.items()}
+        for n in total:
+            total[n] += med[n] * count
+        print(f'{c:5d} {h:4d} {co:5d} {k} {s} x{count}: ' + '  '.join(f'{n} {v:6.1f}' for n, v in med.items()))
+    print('one ResNet-50 view, all convolutions: ' + ', '.join(f'{n} {v:.0f} ms' for n, v in total.items()))
+
+
+if __name__ == '__main__':
+    main()
