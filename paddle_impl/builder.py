@@ -50,13 +50,9 @@ class MoCo(nn.Layer):
     @paddle.no_grad()
     def _update_momentum_encoder(self, m):
         """Momentum update of the momentum encoder"""
-        kernels = cpu_kernels.get()
         for param_b, param_m in zip(model_parameters(self.base_encoder), model_parameters(self.momentum_encoder)):
-            if kernels is not None and cpu_kernels.usable(param_m, param_b):
-                stop = param_m.stop_gradient  # (in-place custom ops refuse leaves that take gradients)
-                param_m.stop_gradient = True
-                kernels.moco_ema_(param_m, param_b, float(m))  # param_m * m + param_b * (1 - m), in place
-                param_m.stop_gradient = stop
+            if cpu_kernels.usable(param_m, param_b):  # param_m * m + param_b * (1 - m), in place
+                cpu_kernels.run_inplace(cpu_kernels.get().moco_ema_, param_m, param_b, float(m))
             else:
                 # the same as param_m + (1 - m) * (param_b - param_m), in place: 10x faster than building
                 # the sum and set_value (measured); equal up to rounding

@@ -1,7 +1,8 @@
-"""Our CPU kernels (csrc/cpu_kernels.cc): softmax, exact GELU and LayerNorm, forward and backward.
+"""Our CPU kernels (csrc/cpu_kernels.cc): softmax, exact GELU and LayerNorm (forward and backward), im2col /
+col2im for convolutions, and the in-place momentum-encoder and LARS updates.
 
 Paddle's CPU kernels for these run on one thread without SIMD; on the 2-core test machine they made the
-ViT training step ~10% slower than torch's (bench/). The C++ file is built once per machine with the
+MoCo v3 training step slower than torch's (bench/). The C++ file is built once per machine with the
 system's C++ compiler through Paddle's custom-operator toolchain (``paddle.utils.cpp_extension``; ~15 s)
 and cached under ``$MOCO_KERNEL_CACHE`` (default ``~/.cache/moco_v3_paddle``), in a folder named by a hash
 of the source, the compiler flags and Paddle's version; concurrent processes (distributed launch) wait on a
@@ -132,6 +133,17 @@ def usable(*tensors):
         if t is None or not t.place.is_cpu_place() or t.dtype not in (paddle.float32, paddle.float64):
             return False
     return get() is not None
+
+
+def run_inplace(op, leaf, *args):
+    """``op(leaf, *args)`` for one of our in-place ops on a parameter: Paddle refuses an in-place custom op on
+    a leaf that takes gradients, so ``stop_gradient`` is lifted for the call and restored."""
+    stop = leaf.stop_gradient
+    leaf.stop_gradient = True
+    try:
+        op(leaf, *args)
+    finally:
+        leaf.stop_gradient = stop
 
 
 def contiguous(t):

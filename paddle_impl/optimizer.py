@@ -70,14 +70,8 @@ class LARS(paddle.optimizer.Optimizer):
         mu = self._get_accumulator(self._mu_acc_str, p)
         if cpu_kernels.usable(p, g, mu) and g.is_contiguous() and p.is_contiguous() and mu.is_contiguous():
             # the same update in one multi-threaded kernel (csrc/cpu_kernels.cc: lars_k)
-            # (Paddle refuses an in-place custom op on a leaf that takes gradients: flag lifted meanwhile)
-            stop = p.stop_gradient
-            p.stop_gradient = True
-            try:
-                cpu_kernels.get().moco_lars_(p, g, mu, float(lr), self._lars_weight_decay, self._momentum,
-                                             self._trust_coefficient, p.ndim > 1)
-            finally:
-                p.stop_gradient = stop
+            cpu_kernels.run_inplace(cpu_kernels.get().moco_lars_, p, g, mu, float(lr), self._lars_weight_decay,
+                                    self._momentum, self._trust_coefficient, p.ndim > 1)
             return None
         if p.ndim > 1:  # not a bias nor a norm parameter
             g = g + self._lars_weight_decay * p
