@@ -68,7 +68,7 @@ import paddle.distributed as dist  # noqa: E402
 from paddle_impl import data as data_mod  # noqa: E402
 from paddle_impl import io as pio  # noqa: E402
 from paddle_impl import loader as loader_mod  # noqa: E402
-from paddle_impl import models, schedules, utils  # noqa: E402
+from paddle_impl import engine, models, schedules, utils  # noqa: E402
 from paddle_impl.layers import model_parameters  # noqa: E402
 from paddle_impl.optimizer import OPTIMIZERS, build_optimizer  # noqa: E402
 
@@ -536,10 +536,9 @@ def train(args):
         _, n_bn = utils.convert_sync_batchnorm(model)
         logger.info(f'{world} processes: {n_bn} BatchNorm layers synchronised across them')
 
-    lr = schedules.scaled_lr(args.lr, args.batch_size)
-    optimizer = build_optimizer(args.optimizer, model_parameters(model), lr, args.weight_decay, args.momentum)
+    optimizer, scaler, lr = engine.moco_training_setup(model, args.optimizer, args.lr, args.batch_size,
+                                                       args.weight_decay, args.momentum, amp, args.amp_dtype)
     use_scaler = amp and args.amp_dtype == 'float16'
-    scaler = paddle.amp.GradScaler(enable=use_scaler, init_loss_scaling=2. ** 16)
     if rank == 0:
         check_free_space(output_dir, model, args.optimizer)
 
@@ -650,25 +649,16 @@ def train(args):
         for i, (images, _) in enumerate(train_loader, start=skip):
             data_time.update(time.time() - end)
             e = epoch + i / iters_per_epoch
-            cur_lr = schedules.adjust_learning_rate(optimizer, e, lr, args.warmup_epochs, args.epochs)
-            m = schedules.adjust_moco_momentum(e, args.moco_m, args.epochs) if args.moco_m_cos else moco_m
             global_step += 1
-
-            with paddle.amp.auto_cast(enable=amp, dtype=args.amp_dtype, level='O1'):
-                loss = model(images[0], images[1], m)
-            if nan_at and global_step == nan_at:
-                loss = loss * float('nan')
-            loss_all = float(utils.all_reduce_mean(loss).item())
-            if not math.isfinite(loss_all):
+            loss_all, cur_lr, m, finite = engine.moco_step(
+                model, images[0], images[1], optimizer, scaler, e=e, lr=lr, epochs=args.epochs,
+                warmup_epochs=args.warmup_epochs, moco_m=moco_m, moco_m_cos=args.moco_m_cos, amp=amp,
+                amp_dtype=args.amp_dtype, poison=bool(nan_at) and global_step == nan_at)
+            if not finite:
                 raise Diverged(f'loss is {loss_all} at epoch {epoch}, iteration {i + 1}/{iters_per_epoch} '
                                f'(global step {global_step}); stopped without saving; last good checkpoint: '
                                f'{last_ckpt or "none"}')
             losses.update(loss_all, per_proc * world)
-
-            optimizer.clear_grad()
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
 
             bt = time.time() - end
             batch_time.update(bt)
