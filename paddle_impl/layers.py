@@ -241,8 +241,8 @@ _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _LOG_INV_SQRT_2PI = -0.5 * math.log(2.0 * math.pi)
 
 
-def _fast_cpu(x):
-    return x.place.is_cpu_place() and x.dtype in (paddle.float32, paddle.float64)
+def _fast_cpu(x):  # eager only: a traced program (paddle.jit.save) keeps Paddle's own ops
+    return paddle.in_dynamic_mode() and x.place.is_cpu_place() and x.dtype in (paddle.float32, paddle.float64)
 
 
 def _needs_grad(*tensors):
@@ -361,7 +361,7 @@ class _DenseTranspose(PyLayer):
 def transpose(x, perm):
     """paddle.transpose, materialised contiguously on CPU (forward and backward), where the lazy
     (strided-view) transpose would later be copied by Paddle's slow strided-copy kernel."""
-    if not x.place.is_cpu_place():
+    if not paddle.in_dynamic_mode() or not x.place.is_cpu_place():
         return paddle.transpose(x, perm)
     perm = [int(p) for p in perm]
     if _needs_grad(x):
