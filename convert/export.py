@@ -8,7 +8,8 @@ in them (convert.formats). What is exported (--kind):
   linear    the classifier: logits. Needs a classifier file (main_lincls, main_finetune, linear-*.pth.tar).
   auto      linear for a classifier file, else backbone (the default).
 
-``paddle.jit.save`` traces the eval-mode model with one input ``image`` [N, 3, S, S] float32, N dynamic, and
+``paddle.jit.save`` traces the eval-mode model with one input ``image`` [N, 3, S, S] float32, N dynamic (for
+ResNet-50 the height and width are dynamic too: any size its pooling takes), and
 writes PREFIX.json + PREFIX.pdiparams (Paddle 3's program and parameters); ``--format onnx`` converts those
 with ``paddle2onnx.export`` into PREFIX.onnx. paddle2onnx's default post-pass (polygraphy constant folding)
 would pip-install onnx_graphsurgeon at run time; it is turned off here (``optimize_tool=None``): nothing is
@@ -243,10 +244,12 @@ def _quiet_stdout():
             text.append(tmp.read().decode('utf-8', 'replace'))
 
 
-def jit_save(model, prefix, img_size):
-    """paddle.jit.save with a dynamic-batch InputSpec: PREFIX.json + PREFIX.pdiparams."""
+def jit_save(model, prefix, img_size, dynamic_size=False):
+    """paddle.jit.save with a dynamic-batch InputSpec (``dynamic_size``: height and width too, for a ResNet):
+    PREFIX.json + PREFIX.pdiparams."""
     import paddle
-    spec = paddle.static.InputSpec([None, 3, img_size, img_size], 'float32', name='image')
+    hw = [None, None] if dynamic_size else [img_size, img_size]
+    spec = paddle.static.InputSpec([None, 3, *hw], 'float32', name='image')
     paddle.jit.save(model, prefix, input_spec=[spec])
     for ext in ('.json', '.pdiparams'):
         if not os.path.isfile(prefix + ext):
@@ -335,7 +338,7 @@ def export(input, output, kind='auto', fmt='paddle', img_size='auto', do_verify=
     tmpdir = tempfile.mkdtemp(prefix='.export-', dir=folder)
     try:
         tmp_prefix = os.path.join(tmpdir, 'model')
-        jit_save(model, tmp_prefix, src.img_size)
+        jit_save(model, tmp_prefix, src.img_size, dynamic_size=src.arch == 'resnet50')
         if 'onnx' in formats:
             to_onnx(tmp_prefix, tmp_prefix + '.onnx')
         checks = verify(src, kind, sd, model, tmp_prefix, formats, log) if do_verify else None
@@ -347,6 +350,8 @@ def export(input, output, kind='auto', fmt='paddle', img_size='auto', do_verify=
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     out_dim = 'classes' if kind == 'linear' else 'features'
-    log(f"wrote {', '.join(repr(f) for f in files)} ({src.arch} {kind}: input 'image' [N, 3, {src.img_size}, "
-        f"{src.img_size}] float32, N dynamic; output [N, {out_dim}])")
+    hw = 'H, W] float32, N, H and W dynamic' if src.arch == 'resnet50' else \
+        f'{src.img_size}, {src.img_size}] float32, N dynamic'
+    log(f"wrote {', '.join(repr(f) for f in files)} ({src.arch} {kind}: input 'image' [N, 3, {hw}; "
+        f"output [N, {out_dim}])")
     return {'kind': kind, 'files': files, 'verify': checks, 'source': src}
