@@ -588,7 +588,8 @@ def best_of(items):
     med = {fw: pick[fw]['median'][fw] for fw in FRAMEWORKS}
     mn = {fw: pick[fw]['min'][fw] for fw in FRAMEWORKS}
     setting = {fw: f'allocator={pick[fw]["allocator"]}' for fw in FRAMEWORKS}
-    return item(med['paddle'], med['torch'], 's', setting=setting, median=med, min=mn, ratio_min=mn['paddle'] / mn['torch'],
+    return item(med['paddle'], med['torch'], 's', setting=setting, median=med, min=mn,
+                ratio_min=mn['paddle'] / mn['torch'],
                 load_average=[min(r['load_average'][0] for r in items), max(r['load_average'][1] for r in items)])
 
 
