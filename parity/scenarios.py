@@ -18,7 +18,7 @@ from paddle_impl import vits as pvits
 from torch_ref import models as tm
 from torch_ref import vits as tvits
 
-from .compare import ATOL, TOL, Row, compare, flag
+from .compare import ATOL, TOL, Row, compare, flag, nonfinite
 
 ARCHS = tm.ARCHS
 
@@ -243,6 +243,11 @@ def init_rows(arch, img_size=32, dim=256, mlp_dim=1024, seed=0, **vit_kwargs):
         for fam, items in sorted(fams.items()):
             kind, val = items[0][1], items[0][2]
             worst, bad = 0.0, ''
+            nf = [f'{name} ({nonfinite(w)})' for name, _, _, w in items if nonfinite(w)]
+            if nf:  # a NaN/inf weight fails the family, whatever its statistics say
+                rows.append(Row(f'init {side}: {fam}', len(items), math.nan, math.nan, 0.0 if kind == 'const' else 1.0,
+                                False, worst='NON-FINITE: ' + ', '.join(nf[:3])))
+                continue
             if kind == 'const':
                 for name, _, _, w in items:
                     err = float(np.max(np.abs(w - val)))
