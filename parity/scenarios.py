@@ -33,13 +33,27 @@ def paddle_dtype(dtype):
         paddle.set_default_dtype(old)
 
 
+@contextlib.contextmanager
+def torch_dtype(dtype):
+    """torch's default dtype for building a model: float64 builds what the original builds under a float64
+    default (every tensor float64 except those it creates with an explicit dtype: the ViT's float32 pos_embed)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 def build_pair(arch, dtype='float64', img_size=32, dim=256, mlp_dim=1024, T=0.2, seed=0, stop_grad_conv1=False,
                **vit_kwargs):
-    """torch_ref MoCo (seeded) and a paddle_impl twin holding the same weights, both in ``dtype``."""
+    """torch_ref MoCo (seeded) and a paddle_impl twin holding the same weights, both in ``dtype``.
+    Built under that default dtype, with no cast afterwards: each tensor keeps the dtype the official code
+    gives it (float64 mode: the ViT's pos_embed is float32 on both sides, as in the original)."""
     torch.manual_seed(seed)
     paddle.seed(seed)
-    tmod = tm.build_moco(arch, dim, mlp_dim, T, img_size=img_size, stop_grad_conv1=stop_grad_conv1, **vit_kwargs)
-    tmod = tmod.double() if dtype == 'float64' else tmod.float()
+    with torch_dtype(dtype):
+        tmod = tm.build_moco(arch, dim, mlp_dim, T, img_size=img_size, stop_grad_conv1=stop_grad_conv1, **vit_kwargs)
     with paddle_dtype(dtype):
         pmod = pm.build_moco(arch, dim, mlp_dim, T, img_size=img_size, stop_grad_conv1=stop_grad_conv1, **vit_kwargs)
     bridge.torch_to_paddle_model(tmod, pmod)
