@@ -60,6 +60,15 @@ def build_pair(arch, dtype='float64', img_size=32, dim=256, mlp_dim=1024, T=0.2,
     return tmod, pmod
 
 
+def torch_features(encoder, x):
+    """tm.backbone_features, also for the original code's ViT: on timm 0.4.9 its forward_features already
+    returns the class token ([B, D]), on timm 1.0 every token ([B, N, D])."""
+    if hasattr(encoder, 'forward_features'):
+        f = encoder.forward_features(x)
+        return f[:, 0] if f.ndim == 3 else f
+    return tm.backbone_features(encoder, x)
+
+
 def _np(t):
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t.numpy())
 
@@ -115,7 +124,7 @@ def run_forward_backward(arch, dtype='float64', img_size=32, batch=8, dim=256, m
     tmod.train()
     pmod.train()
     with torch.no_grad():
-        tf = tm.backbone_features(tmod.base_encoder, tx1)
+        tf = torch_features(tmod.base_encoder, tx1)
         tp = tmod.base_encoder(tx1)
         tq = tmod.predictor(tp)
     with paddle.no_grad():

@@ -310,9 +310,12 @@ def format_trace(res, max_rows=None, context=4):
         more = sum(not (r.fwd_ok and r.bwd_ok and r.state_ok) for r in rows[stop:])
         lines.append(f'... {len(rows) - stop} more module calls ({more} of them out of tolerance); --json has all')
     lines.append(summary_line(res))
-    if res.only_torch or res.only_paddle or res.ran_one_side:
-        lines.append(f'no counterpart: torch only {res.only_torch or "-"}; paddle only {res.only_paddle or "-"}'
-                     + (f'; ran on one side only: {res.ran_one_side[:8]}' if res.ran_one_side else ''))
+    if res.only_torch or res.only_paddle:
+        lines.append(f'modules without counterpart ({len(res.only_torch)} torch, {len(res.only_paddle)} paddle; all '
+                     f'in --json): torch only {", ".join(compress_paths(res.only_torch)) or "-"}; paddle only '
+                     f'{", ".join(compress_paths(res.only_paddle)) or "-"}')
+    if res.ran_one_side:
+        lines.append(f'module calls made on one side only: {", ".join(compress_paths(res.ran_one_side))}')
     return '\n'.join(lines)
 
 
@@ -482,3 +485,77 @@ def trace(torch_module, paddle_layer, inputs, key_map=None, loss_fn=None, module
 def _invert(module_map):
     """Paddle path -> torch path (given) is applied to the Paddle side's names."""
     return dict(module_map) if module_map else None
+
+
+# ------------------------------------------------------------------------------------------ MoCo scenarios
+def trace_moco(pair, dtype='float64', batch=8, img_size=32, seed=0, m=0.99):
+    """Trace one MoCo training forward/backward (momentum update inside forward) of a model pair."""
+    import paddle
+    import torch
+
+    from .scenarios import inputs
+    tmod, pmod = pair
+    tmod.train()
+    pmod.train()
+    x1, x2 = inputs(dtype, batch, img_size, seed)
+    tr = Tracer(tmod, pmod, dtype)
+    try:
+        tr.reset()
+        tmod(torch.from_numpy(x1), torch.from_numpy(x2), m).backward()
+        pmod(paddle.to_tensor(x1), paddle.to_tensor(x2), m).backward()
+        return tr.result()
+    finally:
+        tr.close()
+
+
+def trace_moco_steps(pair, arch, optimizer, steps, dtype='float64', img_size=32, batch=8, seed=0, lr=None, wd=None,
+                     epochs=4, warmup_epochs=1, iters_per_epoch=4, momentum=0.9, moco_m=0.99, torch_optimizer=None):
+    """K training iterations as parity/steps.py runs them (the Paddle side is the product's
+    engine.moco_step), traced step by step; returns the trace of the first step that leaves tolerance
+    (``.step``), or of the last step when none does."""
+    import paddle
+    import torch
+
+    from paddle_impl import engine
+    from torch_ref import optimizer as toptim
+    from torch_ref import schedules as tsched
+    from .steps import DEFAULTS, batches
+    tmod, pmod = pair
+    tmod.train()
+    pmod.train()
+    dlr, dwd = DEFAULTS[optimizer]
+    lr = dlr if lr is None else lr
+    wd = dwd if wd is None else wd
+    base_lr = lr * 256 / batch
+    lr_t = tsched.scaled_lr(base_lr, batch)
+    topt = (torch_optimizer or toptim.build_optimizer)(optimizer, tmod.parameters(), lr_t, wd, momentum)
+    popt, scaler, lr_p = engine.moco_training_setup(pmod, optimizer, base_lr, batch, wd, momentum)
+    tr = Tracer(tmod, pmod, dtype)
+    res = None
+    try:
+        for i, (x1, x2) in enumerate(batches(steps, batch, img_size, dtype, seed)):
+            e = i / iters_per_epoch
+            tr.reset()
+            tsched.adjust_learning_rate(topt, e, lr_t, warmup_epochs, epochs)
+            loss = tmod(torch.from_numpy(x1), torch.from_numpy(x2), tsched.adjust_moco_momentum(e, moco_m, epochs))
+            topt.zero_grad()
+            loss.backward()
+            topt.step()
+            engine.moco_step(pmod, paddle.to_tensor(x1), paddle.to_tensor(x2), popt, scaler, e=e, lr=lr_p,
+                             epochs=epochs, warmup_epochs=warmup_epochs, moco_m=moco_m, moco_m_cos=True)
+            res = tr.result()  # gradients stay on the parameters after the step; states are after it
+            res.step = i
+            if not res.passed:
+                break
+        return res
+    finally:
+        tr.close()
+
+
+def compress_paths(paths):
+    """['blocks.0.ls1', 'blocks.1.ls1', ...] -> ['blocks.*.ls1 (x2)', ...] for a short listing."""
+    import re
+    groups = {}
+    for p in paths:
+        groups.setdefault(re.sub(r'\.\d+(?=\.|$)', '.*', p), []).append(p)
+    return [k + (f' (x{len(v)})' if len(v) > 1 else '') for k, v in groups.items()]
