@@ -62,6 +62,28 @@ def arch_name(name):
     return getattr(models, 'canonical_arch', lambda a: a)(name)
 
 
+def add_official_flags(p, data_help, arch, epochs, batch_size, lr, wd, momentum_help, resume_help):
+    """The flags the official main_moco and main_lincls share, with their names; the defaults are given."""
+    p.add_argument('data', metavar='DIR', help=data_help)
+    p.add_argument('-a', '--arch', metavar='ARCH', default=arch, type=arch_name,
+                   help='model architecture: ' + ' | '.join(models.ARCHS) + f' (default: {arch})')
+    p.add_argument('-j', '--workers', default=32, type=int, metavar='N',
+                   help='number of data loading workers per process (default: 32)')
+    p.add_argument('--epochs', default=epochs, type=int, metavar='N', help='number of total epochs to run')
+    p.add_argument('--start-epoch', default=0, type=int, metavar='N',
+                   help='manual epoch number (useful on restarts)')
+    p.add_argument('-b', '--batch-size', default=batch_size, type=int, metavar='N',
+                   help=f'mini-batch size (default: {batch_size}), the total of all processes')
+    p.add_argument('--lr', '--learning-rate', default=lr, type=float, metavar='LR', dest='lr',
+                   help='initial (base) learning rate, scaled by batch-size / 256')
+    p.add_argument('--momentum', default=0.9, type=float, metavar='M', help=momentum_help)
+    p.add_argument('--wd', '--weight-decay', default=wd, type=float, metavar='W', dest='weight_decay',
+                   help=f'weight decay (default: {wd})')
+    p.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency (default: 10)')
+    p.add_argument('--resume', default='', type=str, metavar='PATH', help=resume_help)
+    p.add_argument('--seed', default=None, type=int, help='seed for initializing training')
+
+
 def add_port_flags(g, amp_help=None, amp_dtype=False):
     """--output-dir, --device, [--amp, --amp-dtype], --no-vdl: the flags of this port all trainers share."""
     g.add_argument('--output-dir', default='.', help="where checkpoints, logs and metrics go (default: '.')")
@@ -443,10 +465,12 @@ class OverflowGuard:
     count it, log it, and stop (Diverged) only after AMP_MAX_CONSECUTIVE_SKIPS skipped steps in a row. Without
     float16 AMP a non-finite loss stops the run at once (nothing explains it but divergence)."""
 
-    def __init__(self, enabled, logger, metrics=None, limit=AMP_MAX_CONSECUTIVE_SKIPS):
-        self.enabled, self.logger, self.metrics, self.limit = enabled, logger, metrics, limit
+    def __init__(self, enabled, logger, metrics=None, limit=None):
+        self.enabled, self.logger, self.metrics = enabled, logger, metrics
+        self.limit = AMP_MAX_CONSECUTIVE_SKIPS if limit is None else limit
         self.in_a_row = 0
         self.total = 0
+        self.last_ckpt = None  # named in the message when the run stops (the caller keeps it current)
 
     def check(self, finite, loss, where, last_ckpt=None, global_step=None):
         """True: the step was made. False: it was skipped. Raises Diverged when the run must stop."""
@@ -456,7 +480,7 @@ class OverflowGuard:
         if not self.enabled or self.in_a_row + 1 >= self.limit:
             extra = (f' ({self.in_a_row + 1} steps in a row skipped under --amp float16)' if self.enabled else '')
             raise Diverged(f'loss is {loss} at {where}{extra}; stopped without saving; last good checkpoint: '
-                           f'{last_ckpt or "none"}')
+                           f'{last_ckpt or self.last_ckpt or "none"}')
         self.in_a_row += 1
         self.total += 1
         self.logger.warning(f'loss is {loss} at {where}: step skipped (float16 overflow, {self.in_a_row} in a '

@@ -86,25 +86,9 @@ def get_parser():
                '--output-dir.\nSeveral processes: python -m paddle.distributed.launch --nproc_per_node N '
                'paddle_impl/main_moco.py DIR ...\nExit status: 0 done, 2 usage/input error, 3 loss became '
                'NaN/inf (MOCO_DEBUG_NAN_AT_STEP=K forces it at step K).')
-    p.add_argument('data', metavar='DIR', help='path to the data set (DIR/train/<class>/<images>)')
-    p.add_argument('-a', '--arch', metavar='ARCH', default='resnet50', type=engine.arch_name,
-                   help='model architecture: ' + ' | '.join(models.ARCHS) + ' (default: resnet50)')
-    p.add_argument('-j', '--workers', default=32, type=int, metavar='N',
-                   help='number of data loading workers per process (default: 32)')
-    p.add_argument('--epochs', default=100, type=int, metavar='N', help='number of total epochs to run')
-    p.add_argument('--start-epoch', default=0, type=int, metavar='N',
-                   help='manual epoch number (useful on restarts)')
-    p.add_argument('-b', '--batch-size', default=4096, type=int, metavar='N',
-                   help='mini-batch size (default: 4096), the total of all processes')
-    p.add_argument('--lr', '--learning-rate', default=0.6, type=float, metavar='LR', dest='lr',
-                   help='initial (base) learning rate, scaled by batch-size / 256')
-    p.add_argument('--momentum', default=0.9, type=float, metavar='M', help='momentum of LARS')
-    p.add_argument('--wd', '--weight-decay', default=1e-6, type=float, metavar='W', dest='weight_decay',
-                   help='weight decay (default: 1e-6)')
-    p.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency (default: 10)')
-    p.add_argument('--resume', default='', type=str, metavar='PATH',
-                   help="path to a checkpoint to resume from, or 'auto': the newest in --output-dir")
-    p.add_argument('--seed', default=None, type=int, help='seed for initializing training')
+    engine.add_official_flags(p, 'path to the data set (DIR/train/<class>/<images>)', 'resnet50', 100, 4096, 0.6,
+                              1e-6, 'momentum of LARS', "path to a checkpoint to resume from, or 'auto': the newest "
+                              "in --output-dir")
 
     # moco specific configs:
     p.add_argument('--moco-dim', default=256, type=int, help='feature dimension (default: 256)')
