@@ -442,7 +442,7 @@ def test_module_entry_point_one_line(tmp_path):
 def test_optimizer_interop_with_paddle_trainer(work):
     """torch AdamW state -> our .pdparams -> the Paddle trainer's optimizer (utils.load_optimizer_state); and
     the Paddle trainer's own checkpoint (utils.optimizer_state) -> a torch optimizer that loads it."""
-    utils = pytest.importorskip('paddle_impl.utils')
+    from paddle_impl import utils
     from paddle_impl import models as pm
     from paddle_impl.layers import model_parameters
     from paddle_impl.optimizer import build_optimizer
