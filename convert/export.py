@@ -260,8 +260,11 @@ def to_onnx(prefix, onnx_path):
     """paddle2onnx.export of PREFIX.json/.pdiparams, with its pip-installing polygraphy pass turned off."""
     import paddle2onnx
     with _quiet_stdout() as printed:
-        paddle2onnx.export(prefix + '.json', prefix + '.pdiparams', save_file=onnx_path, opset_version=OPSET,
-                           enable_onnx_checker=True, optimize_tool=None, verbose=False)
+        try:  # paddle2onnx logs its own failure, then fails on an unset variable: keep the logged reason
+            paddle2onnx.export(prefix + '.json', prefix + '.pdiparams', save_file=onnx_path, opset_version=OPSET,
+                               enable_onnx_checker=True, optimize_tool=None, verbose=False)
+        except Exception:  # noqa: BLE001
+            pass
     if not os.path.isfile(onnx_path):
         lines = [ln for ln in ''.join(printed).splitlines() if ln.strip()]
         raise CheckpointError(f"paddle2onnx could not convert the model: {lines[-1][:300] if lines else '?'}")
