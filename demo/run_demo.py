@@ -44,6 +44,7 @@ from paddle_impl import io as pio  # noqa: E402
 # the demo's model and recipe (see ../shared/FACTS.md, "What a demo on the digits can show")
 VIT = dict(arch='vit_small', patch_size=4, embed_dim=192, depth=4, num_heads=3)
 IMG_SIZE = 32
+KNN_MAX_TRAIN = 10000  # the per-epoch kNN curve's train images (stratified cap; the digits have 1438)
 
 
 def pretrain_argv(data_dir, out_dir, vit, epochs, batch_size, lr, seed, workers, aug, crop_min, max_steps=0):
@@ -62,7 +63,7 @@ def pretrain_argv(data_dir, out_dir, vit, epochs, batch_size, lr, seed, workers,
 def evaluate(encoder, train_root, val_root, k, probe=True):
     """kNN top-1 of the frozen encoder (paddle_impl.knn.knn_monitor: cosine, temperature-weighted votes,
     T=0.07), and with probe=True a logistic-regression probe on the same features."""
-    res = knn_monitor(encoder, train_root, val_root, img_size=IMG_SIZE, k=k)
+    res = knn_monitor(encoder, train_root, val_root, img_size=IMG_SIZE, k=k, batch_size=256)
     out = {'knn': res['knn_top1'], 'n_train': res['n_train'], 'n_val': res['n_val'], 'knn_seconds': res['seconds']}
     if probe:
         tx, ty = extract_features(encoder, train_root, IMG_SIZE)
@@ -89,7 +90,7 @@ def knn_curve_from_metrics(run_dir):
     return sorted(curve)
 
 
-def knn_curve_from_checkpoints(run_dir, build_model, train_root, val_root, k):
+def knn_curve_from_checkpoints(run_dir, build_model, train_root, val_root, k, max_train):
     """[(epochs done, kNN top-1, seconds)]: knn_monitor on the base encoder of each epoch-end checkpoint."""
     curve = []
     model = build_model()
@@ -101,7 +102,8 @@ def knn_curve_from_checkpoints(run_dir, build_model, train_root, val_root, k):
         if int(ckpt['epoch']) != e + 1 or int(ckpt.get('iteration', 0)) != 0:
             continue  # saved in mid-epoch (--max-steps): not an epoch end
         main_moco.load_model_state(model, ckpt['state_dict'], path)
-        res = knn_monitor(model.base_encoder, train_root, val_root, img_size=IMG_SIZE, k=k)
+        res = knn_monitor(model.base_encoder, train_root, val_root, img_size=IMG_SIZE, k=k, max_train=max_train,
+                          batch_size=256)
         curve.append((e + 1, res['knn_top1'], res['seconds']))
     return curve
 
@@ -152,6 +154,9 @@ def get_parser():
     p.add_argument('--lincls-lr', default=0.3, type=float, help='main_lincls base lr (default 0.3)')
     p.add_argument('--no-knn-curve', dest='knn_curve', action='store_false',
                    help='skip the kNN curve over epochs (knn_curve.png)')
+    p.add_argument('--knn-max-train', default=KNN_MAX_TRAIN, type=int,
+                   help=f'train images (stratified) of the per-epoch kNN monitor (default {KNN_MAX_TRAIN}); the '
+                        f'before/after table uses all 1438')
     p.add_argument('--width', default=VIT['embed_dim'], type=int, help='ViT width (default: 192)')
     p.add_argument('--depth', default=VIT['depth'], type=int, help='ViT depth (default: 4)')
     p.add_argument('--heads', default=VIT['num_heads'], type=int, help='ViT heads (default: 3)')
@@ -170,7 +175,7 @@ def _prepare(opts):
                          opts.aug, opts.crop_min, opts.max_steps)
     in_loop = opts.knn_curve and monitor_in_main_moco()
     if in_loop:  # main_moco's own kNN monitor, each epoch, on DATA/val with DATA/train's features
-        argv += ['--knn-every', '1']
+        argv += ['--knn-every', '1', '--knn-max-train', str(opts.knn_max_train)]
     args = main_moco.get_parser().parse_args(argv)
     return out, data_dir, train_root, val_root, run_dir, vit, args, in_loop
 
@@ -211,7 +216,8 @@ def run(opts):
         curve = knn_curve_from_metrics(run_dir) if in_loop else []
         if not curve:  # main_moco without the monitor: the same function on each epoch's checkpoint
             in_loop = False
-            curve = knn_curve_from_checkpoints(run_dir, build_model, train_root, val_root, opts.k)
+            curve = knn_curve_from_checkpoints(run_dir, build_model, train_root, val_root, opts.k,
+                                               opts.knn_max_train)
         plot_knn_curve(curve, random_init['knn'], os.path.join(out, 'knn_curve.png'),
                        f'MoCo v3 {vit["arch"]} width {vit["embed_dim"]} depth {vit["depth"]} on digits')
     if opts.lincls_epochs > 0:
@@ -226,7 +232,7 @@ def run(opts):
     results = {
         'model': dict(vit, img_size=IMG_SIZE), 'epochs': opts.epochs, 'steps': summary['steps'],
         'batch_size': opts.batch_size, 'aug': opts.aug, 'crop_min': opts.crop_min, 'seed': opts.seed,
-        'k': opts.k, 'knn_vote': 'temperature-weighted, T=0.07', 'lincls_epochs': opts.lincls_epochs,
+        'k': opts.k, 'knn_max_train': opts.knn_max_train, 'knn_vote': 'temperature-weighted, T=0.07', 'lincls_epochs': opts.lincls_epochs,
         'lincls_lr': opts.lincls_lr, 'random_init': random_init, 'pretrained': pretrained,
         'knn_curve': [{'epoch': e, 'knn_top1': v, 'seconds': round(sec, 2)} for e, v, sec in curve],
         'knn_curve_source': ('main_moco --knn-every 1' if in_loop else 'knn_monitor on each epoch checkpoint')
