@@ -38,3 +38,17 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# The float64 proof against the ORIGINAL facebookresearch/moco-v3 code (not in this repository):
+#   git clone https://github.com/facebookresearch/moco-v3 DIR; pip install --target TIMMDIR timm==0.4.9
+#   make parity-official OFFICIAL=DIR TIMM=TIMMDIR
+.PHONY: parity-official
+parity-official: $(STAMP)
+	@test -n "$(OFFICIAL)" || { echo "error: pass OFFICIAL=DIR (a checkout of facebookresearch/moco-v3) and TIMM=DIR (pip install --target DIR timm==0.4.9)"; exit 2; }
+	mkdir -p out
+	$(VPY) -m parity --reference official --official-src $(OFFICIAL) --timm-src $(TIMM) --arch vit_small --batch 4 --json out/official_vit_small.json
+	$(VPY) -m parity --reference official --official-src $(OFFICIAL) --timm-src $(TIMM) --arch resnet50 --batch 4 --json out/official_resnet50.json
+	$(VPY) -m parity --reference official --official-src $(OFFICIAL) --timm-src $(TIMM) --arch vit_small --depth 4 --steps 10 --json out/official_steps_vit_small.json
+	$(VPY) -m parity --reference official --official-src $(OFFICIAL) --timm-src $(TIMM) --arch resnet50 --steps 10 --json out/official_steps_resnet50.json
+	$(VPY) -m parity --reference official --official-src $(OFFICIAL) --timm-src $(TIMM) --arch vit_small --depth 2 --trace --json out/official_trace.json
+	$(VPY) -m parity.summary out/official_vit_small.json out/official_resnet50.json out/official_steps_vit_small.json out/official_steps_resnet50.json

@@ -166,6 +166,8 @@ def supported_isas():
 def usable(*tensors):
     """True where our kernels apply: kernels built, every tensor on the CPU in float32/float64."""
     import paddle
+    if not paddle.in_dynamic_mode():  # a traced program (paddle.jit.save) keeps Paddle's own ops
+        return False
     for t in tensors:
         if t is None or not t.place.is_cpu_place() or t.dtype not in (paddle.float32, paddle.float64):
             return False
