@@ -51,7 +51,9 @@ class MoCo(nn.Layer):
     def _update_momentum_encoder(self, m):
         """Momentum update of the momentum encoder"""
         for param_b, param_m in zip(model_parameters(self.base_encoder), model_parameters(self.momentum_encoder)):
-            if cpu_kernels.usable(param_m, param_b):  # param_m * m + param_b * (1 - m), in place
+            if param_b.stop_gradient:  # frozen (pos_embed, float32 as in the original): the official op sequence
+                param_m.set_value(param_m * m + param_b * (1. - m))  # bit-equal to torch's, in float32 too
+            elif cpu_kernels.usable(param_m, param_b):  # param_m * m + param_b * (1 - m), in place
                 cpu_kernels.run_inplace(cpu_kernels.get().moco_ema_, param_m, param_b, float(m))
             else:
                 # the same as param_m + (1 - m) * (param_b - param_m), in place: 10x faster than building
@@ -67,6 +69,8 @@ class MoCo(nn.Layer):
         logits = paddle.einsum('nc,mc->nm', q, k) / self.T
         N = logits.shape[0]  # batch size per process
         labels = paddle.arange(N, dtype='int64') + N * _rank()
+        if logits.dtype in (paddle.float16, paddle.bfloat16):  # AMP: the softmax in float32 (fp16 overflows)
+            logits = logits.astype('float32')
         return F.cross_entropy(logits, labels) * (2 * self.T)
 
     def forward(self, x1, x2, m):

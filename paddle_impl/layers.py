@@ -342,8 +342,8 @@ def set_fast_layers(on):
     return old
 
 
-def _fast_cpu(x):
-    return x.place.is_cpu_place() and x.dtype in (paddle.float32, paddle.float64) and fast_layers_enabled()
+def _fast_cpu(x):  # eager only: a traced program (paddle.jit.save) keeps Paddle's own ops
+    return paddle.in_dynamic_mode() and x.place.is_cpu_place() and x.dtype in (paddle.float32, paddle.float64) and fast_layers_enabled()
 
 
 def _needs_grad(*tensors):
@@ -462,7 +462,7 @@ class _DenseTranspose(PyLayer):
 def transpose(x, perm):
     """paddle.transpose, materialised contiguously on CPU (forward and backward), where the lazy
     (strided-view) transpose would later be copied by Paddle's slow strided-copy kernel."""
-    if not x.place.is_cpu_place() or not fast_layers_enabled():
+    if not paddle.in_dynamic_mode() or not x.place.is_cpu_place() or not fast_layers_enabled():
         return paddle.transpose(x, perm)
     perm = [int(p) for p in perm]
     if _needs_grad(x):
