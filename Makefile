@@ -2,9 +2,11 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Paddle's bundled MKL takes a slow path on AMD unless told; set before paddle is imported.
-export OMP_NUM_THREADS ?= 2
-export MKL_DEBUG_CPU_TYPE ?= 5
+# Per-machine settings (threads; MKL's code path on AMD CPUs only), decided by paddle_impl/machine.py for THIS
+# machine (`$(VPY) -m paddle_impl.machine` says what and why); variables already set by the user win. Every
+# Python entry point also applies them itself when it imports paddle_impl; this passes them to all processes.
+MACHINE_ENV := $(shell test -x $(VPY) && $(VPY) -m paddle_impl.machine --make 2>/dev/null)
+$(foreach kv,$(MACHINE_ENV),$(eval export $(kv)))
 # torch and paddle in one process (parity, tests): idle OpenMP threads sleep instead of spinning
 export OMP_WAIT_POLICY ?= PASSIVE
 

@@ -69,6 +69,8 @@ class MoCo(nn.Layer):
         logits = paddle.einsum('nc,mc->nm', q, k) / self.T
         N = logits.shape[0]  # batch size per process
         labels = paddle.arange(N, dtype='int64') + N * _rank()
+        if logits.dtype in (paddle.float16, paddle.bfloat16):  # AMP: the softmax in float32 (fp16 overflows)
+            logits = logits.astype('float32')
         return F.cross_entropy(logits, labels) * (2 * self.T)
 
     def forward(self, x1, x2, m):

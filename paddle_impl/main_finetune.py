@@ -22,10 +22,12 @@ Not reproduced (see README): DeiT's model EMA, repeated augmentation, and DeiT's
 per-epoch scheduler (DeiT trains epoch e >= 1 at the rate computed for e - 1).
 
 Output (rank 0), in --output-dir: checkpoint.pdparams (every epoch), model_best.pdparams (best top-1),
-log.txt; atomic writes, read back without running code. --resume PATH continues a run; --eval evaluates
+log.txt, metrics.jsonl (one {"type": "epoch", ...} record per epoch) and vdl/ (VisualDL scalars; --no-vdl); atomic writes, read back without running code. --resume PATH continues a run; --eval evaluates
 (--resume or --finetune weights) and stops.
 
-Exit status: 0 done; 2 a usage or input error (one line 'error: ...' on stderr); 3 a non-finite loss.
+Exit status: 0 done; 2 a usage or input error (one line 'error: ...' on stderr); 3 a non-finite loss (under
+--amp a NaN/inf loss skips the step, as torch's GradScaler does; exit 3 after
+engine.AMP_MAX_CONSECUTIVE_SKIPS (20) skipped steps in a row).
 """
 import os
 import sys
@@ -39,6 +41,7 @@ from paddle_impl import main_lincls as lc  # noqa: E402  (imports paddle quietly
 import argparse  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
@@ -46,19 +49,17 @@ import paddle.nn as nn  # noqa: E402
 
 from paddle_impl import data as data_mod  # noqa: E402
 from paddle_impl import finetune_aug as fa  # noqa: E402
-from paddle_impl import io as pio  # noqa: E402
-from paddle_impl import models, utils  # noqa: E402
+from paddle_impl import engine, models, utils  # noqa: E402
+from paddle_impl.engine import CHECKPOINT_FORMAT, Diverged, RunError  # noqa: E402,F401
 from paddle_impl.optimizer import AdamW  # noqa: E402
 
-RunError, Diverged = lc.RunError, lc.Diverged
-CHECKPOINT_FORMAT = lc.CHECKPOINT_FORMAT
 NO_WEIGHT_DECAY = ('pos_embed', 'cls_token')  # timm VisionTransformer.no_weight_decay()
 
 
 def get_parser():
     p = argparse.ArgumentParser(description='MoCo v3 end-to-end fine-tuning, DeiT recipe (PaddlePaddle)')
     p.add_argument('data', metavar='DIR', help='path to the data set (DIR/train/<class>, DIR/val/<class>)')
-    p.add_argument('-a', '--arch', '--model', dest='arch', default='vit_base',
+    p.add_argument('-a', '--arch', '--model', dest='arch', default='vit_base', type=engine.arch_name,
                    help='model architecture: ' + ' | '.join(models.ARCHS) + ' (default: vit_base)')
     p.add_argument('-b', '--batch-size', default=1024, type=int,
                    help='total batch size of all processes (default: 1024 = DeiT 64 x 16 GPUs)')
@@ -94,11 +95,8 @@ def get_parser():
     p.add_argument('--finetune', default='', help='pre-trained backbone to start from')
     p.add_argument('--resume', default='', help='fine-tuning checkpoint to continue from')
     p.add_argument('--eval', action='store_true', help='evaluate only')
-    p.add_argument('--output-dir', default='.', help="where checkpoints and the log go (default: '.')")
-    p.add_argument('--device', default=None, choices=('cpu', 'gpu'),
-                   help='default: gpu if Paddle was built with CUDA, else cpu')
-    p.add_argument('--amp', default=None, action=argparse.BooleanOptionalAction,
-                   help='automatic mixed precision, float16 + GradScaler (default: on for gpu, off for cpu)')
+    engine.add_port_flags(p, amp_help='automatic mixed precision, float16 + GradScaler (default: on for gpu, '
+                                      'off for cpu)')
     p.add_argument('--seed', default=0, type=int, help='seed (default: 0, as DeiT)')
     p.add_argument('-j', '--num-workers', '--workers', dest='workers', default=10, type=int,
                    help='data loading workers per process (default: 10)')
@@ -107,10 +105,7 @@ def get_parser():
                    help='classifier outputs (default: the number of class folders in DIR/train)')
     p.add_argument('--fixed-pos-embed', action='store_true',
                    help='keep the sin-cos position embedding frozen (default: trained, as DeiT)')
-    p.add_argument('--vit-patch-size', default=None, type=int, help='override the ViT patch size')
-    p.add_argument('--vit-embed-dim', default=None, type=int, help='override the ViT width')
-    p.add_argument('--vit-depth', default=None, type=int, help='override the ViT depth')
-    p.add_argument('--vit-num-heads', default=None, type=int, help='override the ViT number of heads')
+    engine.add_vit_flags(p)
     return p
 
 
@@ -154,32 +149,21 @@ def init_vit_head(model):
 # ------------------------------------------------------------------------------------------- training
 
 def train_one_epoch(model, criterion, loader, optimizer, epoch, mixup_fn=None, scaler=None, amp=False,
-                    print_freq=10, logger=None):
-    """One epoch of DeiT's train_one_epoch: model.train(), mixup/cutmix on the batch, loss, scaled step."""
+                    print_freq=10, logger=None, guard=None):
+    """One epoch of DeiT's train_one_epoch: model.train(), then engine.finetune_step (mixup/cutmix on the
+    batch, loss, scaled step: the step the parity harness drives) per batch. ``guard``: engine.OverflowGuard
+    (skips a NaN/inf loss under float16 AMP; without one a NaN/inf loss stops the run)."""
     model.train()
+    guard = guard or engine.OverflowGuard(False, logger)
     losses = utils.AverageMeter('Loss', ':.4f')
     batch_time = utils.AverageMeter('Time', ':6.3f')
     n_iter = len(loader)
     progress = utils.ProgressMeter(n_iter, [batch_time, losses], prefix=f'Epoch: [{epoch}]')
     end = time.time()
     for i, (samples, targets) in enumerate(loader):
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
-        with paddle.amp.auto_cast(enable=amp, dtype='float16', level='O1'):
-            outputs = model(samples)
-            loss = criterion(outputs.astype('float32') if amp else outputs, targets)
-        value = float(utils.all_reduce_mean(loss).item())
-        if not math.isfinite(value):
-            raise Diverged(f'loss is {value} at epoch {epoch}, iteration {i + 1}/{n_iter}; stopping training')
-        optimizer.clear_grad()
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        losses.update(value, int(samples.shape[0]))
+        value, _, finite = engine.finetune_step(model, samples, targets, optimizer, criterion, scaler, amp, mixup_fn)
+        if guard.check(finite, value, f'epoch {epoch}, iteration {i + 1}/{n_iter}'):
+            losses.update(value, int(samples.shape[0]))
         batch_time.update(time.time() - end)
         end = time.time()
         if logger is not None and (i % print_freq == 0 or i + 1 == n_iter):
@@ -190,14 +174,8 @@ def train_one_epoch(model, criterion, loader, optimizer, epoch, mixup_fn=None, s
 # ----------------------------------------------------------------------------------------------- resume
 
 def read_resume(path):
-    if not os.path.isfile(path):
-        raise RunError(f"--resume '{path}': " + ('no such file' if not os.path.exists(path) else 'not a file'))
-    try:
-        fmt = pio.sniff_format(path)
-        obj = pio.load_checkpoint(path) if fmt == 'pickle' else None
-    except pio.CheckpointError as e:
-        raise RunError(f'--resume: {e}') from None
-    kind = lc._our_kind(obj)
+    obj, _ = engine.read_checkpoint(path)
+    kind = engine.our_kind(obj)
     if kind == 'finetune':
         return obj
     hint = {'pretrain': 'a MoCo pre-training checkpoint; pass it as --finetune',
@@ -210,28 +188,13 @@ def read_resume(path):
 # ------------------------------------------------------------------------------------------------- run
 
 def check_args(args):
-    if args.arch not in models.ARCHS:
-        raise RunError(f"unknown arch '{args.arch}'; known: {', '.join(models.ARCHS)}")
-    if lc.vit_kwargs_of(args) and args.arch not in models.VIT_ARCHS:
-        raise RunError(f'--vit-* options apply to the ViT archs only, not to {args.arch}')
-    for flag in ('epochs', 'batch_size', 'print_freq', 'recount'):
-        if getattr(args, flag) < 1:
-            raise RunError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag in ('workers', 'start_epoch', 'warmup_epochs'):
-        if getattr(args, flag) < 0:
-            raise RunError(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
-    for flag in ('img_size', 'num_classes', 'vit_patch_size', 'vit_embed_dim', 'vit_depth', 'vit_num_heads'):
-        v = getattr(args, flag, None)
-        if v is not None and v < 1:
-            raise RunError(f"--{flag.replace('_', '-')} must be positive, got {v}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise RunError(f'--lr must be positive, got {args.lr}')
+    engine.check_common_args(args, positive=('epochs', 'batch_size', 'print_freq', 'recount'),
+                             non_negative=('workers', 'start_epoch', 'warmup_epochs', 'weight_decay', 'warmup_lr',
+                                           'min_lr', 'mixup', 'cutmix', 'reprob', 'smoothing', 'drop_path',
+                                           'color_jitter'),
+                             optional_positive=('img_size', 'num_classes'))
     if args.clip_grad is not None and not (args.clip_grad > 0 and math.isfinite(args.clip_grad)):
         raise RunError(f'--clip-grad must be positive (it is a maximum gradient norm), got {args.clip_grad}')
-    for flag in ('weight_decay', 'warmup_lr', 'min_lr', 'mixup', 'cutmix', 'reprob', 'smoothing', 'drop_path',
-                 'color_jitter'):
-        if getattr(args, flag) < 0:
-            raise RunError(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
     for flag in ('reprob', 'smoothing', 'mixup_prob', 'mixup_switch_prob'):
         if not 0 <= getattr(args, flag) <= 1:
             raise RunError(f"--{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
@@ -244,196 +207,150 @@ def check_args(args):
             raise RunError(f'--aa: {e}') from None
 
 
-def run(args):
-    """Fine-tune as DeiT does; returns a summary dict (the model under 'model')."""
-    t_start = time.time()
-    check_args(args)
-    device = lc.resolve_device(args.device)
-    amp = args.amp if args.amp is not None else device == 'gpu'
-    rank, world = utils.init_distributed()
-    logger = utils.setup_logging(rank)
-
-    traindir, valdir = lc.data_folders(args.data, need_train=not args.eval)
-    output_dir = os.path.abspath(args.output_dir)
-    if rank == 0 and not args.eval:
-        output_dir = lc.prepare_output_dir(output_dir)
-        logger = utils.setup_logging(rank, os.path.join(output_dir, 'log.txt'))
-    per_proc = args.batch_size // world
-    if per_proc < 1:
-        raise RunError(f'--batch-size {args.batch_size} is smaller than the number of processes ({world})')
-
-    ckpt = read_resume(args.resume) if args.resume else None
-    pre = lc.read_pretrained(args.finetune, flag='--finetune') if args.finetune else None
-    if pre is not None:
-        lc.check_pretrained_arch(pre, args.arch, flag='--finetune')
-    if ckpt is not None and ckpt.get('arch') != args.arch:
-        raise RunError(f"--resume '{args.resume}' is a {ckpt.get('arch')} model, this run is -a {args.arch}; "
-                       f"pass -a {ckpt.get('arch')}")
-    if pre is None and ckpt is None:
-        logger.warning('neither --finetune nor --resume: training from a random initialisation')
-
-    vit_kwargs = {**((ckpt or {}).get('vit_kwargs') or (pre.vit_kwargs if pre else {})), **lc.vit_kwargs_of(args)}
-    img_size = int(args.img_size or (ckpt or {}).get('img_size') or (pre.img_size if pre else None) or 224)
-    classes, _ = data_mod.find_classes(valdir if args.eval else traindir)
-    num_classes = args.num_classes or len(classes)
-    if num_classes < len(classes):
-        raise RunError(f'--num-classes {num_classes} is smaller than the {len(classes)} class folders of the data')
-    if ckpt is not None and ckpt.get('num_classes') not in (None, num_classes):
-        raise RunError(f"--resume '{args.resume}' has {ckpt['num_classes']} classes, the data {num_classes}; "
-                       f"pass --num-classes {ckpt['num_classes']} or other data")
-
-    seed = args.seed + rank
-    lc.seed_everything(seed)
-    extra = dict(vit_kwargs)
+def build_model(s, args):
+    extra = dict(s.vit_kwargs)
     if args.arch in models.VIT_ARCHS:
         extra['drop_path_rate'] = args.drop_path
     elif args.drop_path:
-        logger.info(f'--drop-path {args.drop_path} applies to the ViTs only; {args.arch} has none')
+        s.logger.info(f'--drop-path {args.drop_path} applies to the ViTs only; {args.arch} has none')
     try:
-        model = models.encoder_factory(args.arch, img_size=img_size, **extra)(num_classes=num_classes)
+        model = models.encoder_factory(args.arch, img_size=s.img_size, **extra)(num_classes=s.num_classes)
     except (ValueError, TypeError) as e:
         raise RunError(f'cannot build {args.arch}: {e}') from None
     if hasattr(model, 'pos_embed'):
         model.pos_embed.stop_gradient = bool(args.fixed_pos_embed)
     if args.arch in models.VIT_ARCHS:
         init_vit_head(model)
-    if pre is not None:
-        lc.load_backbone_into(model, pre.state_dict, args.arch, pre.path, flag='--finetune')
-        logger.info(f"=> loaded '{pre.path}' ({pre.what}) for fine-tuning")
+    if s.pre is not None:
+        lc.load_backbone_into(model, s.pre.state_dict, args.arch, s.pre.path, flag='--finetune')
+        s.logger.info(f"=> loaded '{s.pre.path}' ({s.pre.what}) for fine-tuning")
+    return model
 
-    lr = args.lr * args.batch_size / 512.0
-    optimizer = build_optimizer(model, lr, args.weight_decay, tuple(args.opt_betas), args.opt_eps, args.clip_grad)
-    scaler = paddle.amp.GradScaler(enable=True, init_loss_scaling=2. ** 16) if amp else None
 
-    mixup_fn = None
+def build_criterion(args, num_classes, per_proc, seed):
+    """(mixup_fn or None, training loss) of the DeiT recipe."""
     if args.mixup > 0 or args.cutmix > 0:
-        mixup_fn = fa.Mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing,
-                            num_classes, seed=seed)
-        criterion = fa.soft_target_cross_entropy
         if per_proc % 2:
             raise RunError(f'mixup/cutmix needs an even batch per process, got {per_proc}; change -b or pass '
                            f'--mixup 0 --cutmix 0')
-    elif args.smoothing > 0:
-        def criterion(x, t):
-            return fa.label_smoothing_cross_entropy(x, t, args.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
+        return (fa.Mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing,
+                         num_classes, seed=seed), fa.soft_target_cross_entropy)
+    if args.smoothing > 0:
+        return None, lambda x, t: fa.label_smoothing_cross_entropy(x, t, args.smoothing)
+    return None, nn.CrossEntropyLoss()
 
-    start_epoch, best_acc1 = args.start_epoch, 0.
+
+def resume_from(s, ckpt, args):
+    lc.load_full_state(s.model, ckpt['model'], args.resume)
+    s.start_epoch = int(engine.num(ckpt.get('epoch')) or 0)
+    s.best_acc1 = float(engine.num(ckpt.get('best_acc1')) or 0.)
+    if not args.eval:
+        try:
+            utils.load_optimizer_state(s.optimizer, s.model, ckpt['optimizer'])
+        except (ValueError, KeyError) as e:
+            raise RunError(f"--resume '{args.resume}': {e}") from None
+        if s.scaler is not None and ckpt.get('scaler'):
+            s.scaler.load_state_dict(ckpt['scaler'])
+        states = ckpt.get('rank_states')
+        if isinstance(states, list) and len(states) == s.run.world:
+            mine = states[s.run.rank]
+            if s.mixup_fn is not None and mine.get('mixup'):
+                s.mixup_fn.set_state_dict(mine['mixup'])
+            if mine.get('rng'):
+                utils.set_rng_state(mine['rng'])  # drop path and anything else drawn from Paddle/numpy
+        elif states:
+            s.logger.warning(f"--resume: saved with {len(states)} processes, this run has {s.run.world}: the "
+                             f"random draws of mixup and drop path are not continued exactly")
+    s.logger.info(f"=> resumed '{args.resume}' (epoch {s.start_epoch}, best acc@1 {s.best_acc1:.3f})")
+
+
+def setup(args):
+    """Everything before the first epoch: checks, processes, files, model, optimizer, loss, resume."""
+    check_args(args)
+    run = engine.start(args, train=not args.eval, val=True, writes=not args.eval, amp=args.amp)
+    s = SimpleNamespace(args=args, run=run, logger=run.logger, evaluate=args.eval, amp=run.amp, t_start=time.time())
+    ckpt = s.meta = read_resume(args.resume) if args.resume else None
+    lc.read_inputs(s, args, '--finetune', args.finetune)
+    if s.pre is None and ckpt is None:
+        s.logger.warning('neither --finetune nor --resume: training from a random initialisation')
+    s.seed = args.seed + run.rank
+    engine.seed_everything(s.seed)
+    s.model = build_model(s, args)
+    s.lr = args.lr * args.batch_size / 512.0
+    s.optimizer = build_optimizer(s.model, s.lr, args.weight_decay, tuple(args.opt_betas), args.opt_eps,
+                                  args.clip_grad)
+    s.scaler = paddle.amp.GradScaler(enable=True, init_loss_scaling=2. ** 16) if s.amp else None
+    s.mixup_fn, s.criterion = build_criterion(args, s.num_classes, run.per_proc, s.seed)
+    s.start_epoch, s.best_acc1 = args.start_epoch, 0.
     if ckpt is not None:
-        lc.load_full_state(model, ckpt['model'], args.resume)
-        start_epoch = int(lc._num(ckpt.get('epoch')) or 0)
-        best_acc1 = float(lc._num(ckpt.get('best_acc1')) or 0.)
-        if not args.eval:
-            try:
-                utils.load_optimizer_state(optimizer, model, ckpt['optimizer'])
-            except (ValueError, KeyError) as e:
-                raise RunError(f"--resume '{args.resume}': {e}") from None
-            if scaler is not None and ckpt.get('scaler'):
-                scaler.load_state_dict(ckpt['scaler'])
-            states = ckpt.get('rank_states')
-            if isinstance(states, list) and len(states) == world:
-                mine = states[rank]
-                if mixup_fn is not None and mine.get('mixup'):
-                    mixup_fn.set_state_dict(mine['mixup'])
-                if mine.get('rng'):
-                    utils.set_rng_state(mine['rng'])  # drop path and anything else drawn from Paddle/numpy
-            elif states:
-                logger.warning(f"--resume: saved with {len(states)} processes, this run has {world}: the random "
-                               f"draws of mixup and drop path are not continued exactly")
-        logger.info(f"=> resumed '{args.resume}' (epoch {start_epoch}, best acc@1 {best_acc1:.3f})")
+        resume_from(s, ckpt, args)
+    return s
 
-    eval_criterion = nn.CrossEntropyLoss()
-    train_tf, val_tf = fa.build_finetune_transforms(img_size, args.aa, args.reprob, args.color_jitter, args.remode,
-                                                    args.recount)
-    val_dataset = lc.check_readable(data_mod.ImageFolder(valdir, val_tf))
-    val_loader = paddle.io.DataLoader(lc.val_subset(val_dataset, rank, world), batch_size=max(per_proc, 1),
-                                      shuffle=False, num_workers=args.workers)
-    summary = {'model': model, 'output_dir': output_dir, 'num_classes': num_classes, 'img_size': img_size,
-               'arch': args.arch}
+
+def finetune_checkpoint(s, epoch):
+    """checkpoint.pdparams' content, with every rank's generators (mixup's, and Paddle's/numpy's/Python's for
+    drop path): a resume with the same number of processes continues the same random draws."""
+    rank_states = [{'mixup': s.mixup_fn.state_dict() if s.mixup_fn is not None else None, 'rng': utils.rng_state()}]
+    if s.run.world > 1:
+        mine, rank_states = rank_states[0], []
+        paddle.distributed.all_gather_object(rank_states, mine)
+    args, m = s.args, s.model_without_ddp
+    return {'format': CHECKPOINT_FORMAT, 'kind': 'finetune', 'epoch': epoch + 1, 'arch': args.arch,
+            'img_size': s.img_size, 'num_classes': s.num_classes, 'vit_kwargs': s.vit_kwargs, 'model': m.state_dict(),
+            'optimizer': utils.optimizer_state(s.optimizer, m), 'best_acc1': s.best_acc1,
+            'scaler': s.scaler.state_dict() if s.scaler is not None else None, 'rank_states': rank_states,
+            'world_size': s.run.world, 'data_seed': s.data_seed, 'finetune': args.finetune,
+            'args': {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
+
+
+def run(args):
+    """Fine-tune as DeiT does; returns a summary dict (the model under 'model')."""
+    s = setup(args)
+    run_, eval_criterion = s.run, nn.CrossEntropyLoss()
+    train_tf, val_tf = fa.build_finetune_transforms(s.img_size, args.aa, args.reprob, args.color_jitter,
+                                                    args.remode, args.recount)
+    val_loader = lc.val_loader_of(s, val_tf)
+    s.model_without_ddp = s.model
+    summary = {'model': s.model, 'output_dir': run_.output_dir, 'num_classes': s.num_classes,
+               'img_size': s.img_size, 'arch': args.arch}
     if args.eval:
-        res = lc.evaluate(val_loader, model, eval_criterion)
-        logger.info(f" * Acc@1 {res['acc1']:.3f} Acc@5 {res['acc5']:.3f}  (loss {res['loss']:.4f}, "
-                    f"{res['count']} images)")
-        summary.update(acc1=res['acc1'], acc5=res['acc5'], val_loss=res['loss'], best_acc1=res['acc1'],
-                       epochs_done=start_epoch, time=time.time() - t_start)
-        return summary
-
-    data_seed = int(lc._num(ckpt['data_seed'])) if ckpt is not None and ckpt.get('data_seed') is not None \
-        else args.seed
-    train_dataset = lc.check_readable(data_mod.ImageFolder(traindir, train_tf, seed=data_seed))
-    sampler = paddle.io.DistributedBatchSampler(train_dataset, batch_size=per_proc, shuffle=True, drop_last=True,
-                                                num_replicas=world, rank=rank)
+        return lc.evaluate_only(s, val_loader, eval_criterion, summary)
+    s.data_seed = engine.data_seed((s.meta or {}).get('data_seed'), args.seed)
+    train_dataset = engine.check_readable(data_mod.ImageFolder(run_.traindir, train_tf, seed=s.data_seed))
+    sampler = paddle.io.DistributedBatchSampler(train_dataset, batch_size=run_.per_proc, shuffle=True,
+                                                drop_last=True, num_replicas=run_.world, rank=run_.rank)
     if len(sampler) == 0:
         raise RunError(f'--batch-size {args.batch_size} is larger than the training set ({len(train_dataset)} '
-                       f'images in {traindir}); lower -b')
+                       f'images in {run_.traindir}); lower -b')
     train_loader = paddle.io.DataLoader(train_dataset, batch_sampler=sampler, num_workers=args.workers)
-    model_without_ddp = model
-    if world > 1:
-        model = paddle.DataParallel(model)
-
-    n_params = sum(int(np.prod(p.shape)) for p in model_without_ddp.parameters() if not p.stop_gradient)
-    logger.info(f'arch {args.arch} (img {img_size}, {n_params / 1e6:.2f}M trained params), {num_classes} classes, '
-                f'{len(train_dataset)} train / {len(val_dataset)} val images, {world} x {per_proc} = batch '
-                f'{per_proc * world}, AdamW lr {lr:.4g} (base {args.lr} x {args.batch_size}/512) wd '
-                f'{args.weight_decay}, mixup {args.mixup} cutmix {args.cutmix} smoothing {args.smoothing}, '
-                f'aa {args.aa}, reprob {args.reprob}, drop path {args.drop_path}, device {device}, amp {amp}')
-
-    history, res = [], {'acc1': None, 'acc5': None, 'loss': None}
-    for epoch in range(start_epoch, args.epochs):
+    if run_.world > 1:
+        s.model = paddle.DataParallel(s.model)
+    n_params = sum(int(np.prod(p.shape)) for p in s.model_without_ddp.parameters() if not p.stop_gradient)
+    s.logger.info(f'arch {args.arch} (img {s.img_size}, {n_params / 1e6:.2f}M trained params), {s.num_classes} '
+                  f'classes, {len(train_dataset)} train / {len(s.val_dataset)} val images, {run_.world} x '
+                  f'{run_.per_proc} = batch {run_.per_proc * run_.world}, AdamW lr {s.lr:.4g} (base {args.lr} x '
+                  f'{args.batch_size}/512) wd {args.weight_decay}, mixup {args.mixup} cutmix {args.cutmix} smoothing '
+                  f'{args.smoothing}, aa {args.aa}, reprob {args.reprob}, drop path {args.drop_path}, device '
+                  f'{run_.device}, amp {s.amp}')
+    s.metrics = engine.open_metrics(run_, args, resumed_at=s.start_epoch if args.resume else None)
+    guard = engine.OverflowGuard(s.amp, s.logger, s.metrics)
+    s.history, s.last_ckpt, res = [], args.resume or None, {'acc1': None, 'acc5': None, 'loss': None}
+    for epoch in range(s.start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         train_dataset.set_epoch(epoch)
-        cur_lr = deit_lr(epoch, lr, args.epochs, args.warmup_epochs, args.warmup_lr, args.min_lr)
-        optimizer.set_lr(cur_lr)
-        tr = train_one_epoch(model, criterion, train_loader, optimizer, epoch, mixup_fn, scaler, amp,
-                             args.print_freq, logger)
-        res = lc.evaluate(val_loader, model, eval_criterion)
-        is_best = res['acc1'] > best_acc1
-        best_acc1 = max(best_acc1, res['acc1'])
-        logger.info(f" * epoch {epoch}: Acc@1 {res['acc1']:.3f} Acc@5 {res['acc5']:.3f} (best {best_acc1:.3f}); "
-                    f"train loss {tr['loss']:.4f}, lr {cur_lr:.4g}")
-        history.append({'epoch': epoch, 'lr': cur_lr, 'train_loss': tr['loss'], 'val_loss': res['loss'],
-                        'acc1': res['acc1'], 'acc5': res['acc5']})
-        # every rank's generators (mixup's, and Paddle's/numpy's/Python's for drop path): a resume with the same
-        # number of processes continues the same random draws
-        rank_state = {'mixup': mixup_fn.state_dict() if mixup_fn is not None else None, 'rng': utils.rng_state()}
-        rank_states = [rank_state]
-        if world > 1:
-            rank_states = []
-            paddle.distributed.all_gather_object(rank_states, rank_state)
-        if rank == 0:
-            obj = {'format': CHECKPOINT_FORMAT, 'kind': 'finetune', 'epoch': epoch + 1, 'arch': args.arch,
-                   'img_size': img_size, 'num_classes': num_classes, 'vit_kwargs': vit_kwargs,
-                   'model': model_without_ddp.state_dict(),
-                   'optimizer': utils.optimizer_state(optimizer, model_without_ddp),
-                   'scaler': scaler.state_dict() if scaler is not None else None, 'best_acc1': best_acc1,
-                   'rank_states': rank_states, 'world_size': world, 'data_seed': data_seed, 'finetune': args.finetune,
-                   'args': {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
-            pio.save_checkpoint(obj, os.path.join(output_dir, 'checkpoint.pdparams'))
-            if is_best:
-                pio.save_checkpoint(obj, os.path.join(output_dir, 'model_best.pdparams'))
-
-    summary.update(acc1=res['acc1'], acc5=res['acc5'], val_loss=res['loss'], best_acc1=best_acc1, history=history,
-                   epochs_done=args.epochs, time=time.time() - t_start,
-                   checkpoint=os.path.join(output_dir, 'checkpoint.pdparams'))
-    logger.info(f'done in {utils.format_duration(summary["time"])}: best Acc@1 {best_acc1:.3f}')
-    return summary
+        cur_lr = deit_lr(epoch, s.lr, args.epochs, args.warmup_epochs, args.warmup_lr, args.min_lr)
+        s.optimizer.set_lr(cur_lr)
+        tr = train_one_epoch(s.model, s.criterion, train_loader, s.optimizer, epoch, s.mixup_fn, s.scaler, s.amp,
+                             args.print_freq, s.logger, guard)
+        res = lc.validate_and_save(s, epoch, tr, cur_lr, val_loader, eval_criterion,
+                                   lambda: finetune_checkpoint(s, epoch))
+        guard.last_ckpt = s.last_ckpt
+    return lc.finish(s, summary, res)
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    try:
-        run(args)
-    except (RunError, data_mod.DataError, pio.CheckpointError) as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        return lc.EXIT_USAGE
-    except Diverged as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        return lc.EXIT_DIVERGED
-    except KeyboardInterrupt:
-        print('error: interrupted', file=sys.stderr, flush=True)
-        return 130
-    return 0
+    return engine.run_main(run, args, resume_hint='--resume OUTPUT_DIR/checkpoint.pdparams')
 
 
 if __name__ == '__main__':

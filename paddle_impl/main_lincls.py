@@ -21,7 +21,8 @@ lr * 0.5 * (1 + cos(pi * epoch / epochs)); cross-entropy; top-1 / top-5 on val a
 the first epoch of a run, the backbone must still equal the pretrained weights (official sanity check).
 
 Output (rank 0), in --output-dir: checkpoint.pdparams (every epoch) and model_best.pdparams (best top-1),
-both written atomically and read without running code; log.txt. A checkpoint holds {'format', 'kind':
+both written atomically and read without running code; log.txt; metrics.jsonl (one {"type": "epoch", ...}
+record per epoch: lr, train_loss, acc1, acc5, val_loss) and the same scalars under vdl/ (VisualDL; --no-vdl). A checkpoint holds {'format', 'kind':
 'linear', 'epoch', 'arch', 'img_size', 'num_classes', 'vit_kwargs', 'state_dict' (the whole classifier
 model, Paddle names), 'best_acc1', 'optimizer', 'pretrained', 'args'}; convert/ turns it into the official
 linear-*.pth.tar layout. --resume also accepts an official linear-*.pth.tar (through convert/), e.g. to
@@ -42,9 +43,9 @@ paddle_impl.import_paddle_quietly()
 
 import argparse  # noqa: E402
 import math  # noqa: E402
-import random  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
@@ -52,52 +53,24 @@ import paddle.distributed as dist  # noqa: E402
 import paddle.nn as nn  # noqa: E402
 
 from paddle_impl import data as data_mod  # noqa: E402
+from paddle_impl import engine, models, utils  # noqa: E402
 from paddle_impl import io as pio  # noqa: E402
 from paddle_impl import loader as loader_mod  # noqa: E402
-from paddle_impl import models, utils  # noqa: E402
+from paddle_impl.engine import (CHECKPOINT_FORMAT, EXIT_DIVERGED, EXIT_USAGE, VIT_FLAGS, Diverged,  # noqa: E402,F401
+                                RunError, check_readable, prepare_output_dir, seed_everything, shared_int)
 from paddle_impl.vits import build_2d_sincos_position_embedding  # noqa: E402
 
-# Paddle checkpoints of this port (main_moco, main_lincls, main_finetune, convert/) share one format tag and
-# say what they hold in 'kind': 'pretrain' | 'linear' | 'finetune' | 'deit' | 'backbone'.
-CHECKPOINT_FORMAT = 'mocov3-paddle/1'
-EXIT_USAGE = 2
-EXIT_DIVERGED = 3
-VIT_FLAGS = (('vit_patch_size', 'patch_size'), ('vit_embed_dim', 'embed_dim'), ('vit_depth', 'depth'),
-             ('vit_num_heads', 'num_heads'))
-
-
-class RunError(Exception):
-    """A user error: the message is one line naming what to change."""
-
-
-class Diverged(Exception):
-    """The loss became NaN/inf."""
+vit_kwargs_of = engine.vit_kwargs
+_our_kind, _num = engine.our_kind, engine.num
 
 
 def get_parser():
     p = argparse.ArgumentParser(description='MoCo v3 linear classification on a frozen backbone (PaddlePaddle)')
-    p.add_argument('data', metavar='DIR', help='path to the data set (DIR/train/<class>, DIR/val/<class>)')
-    p.add_argument('-a', '--arch', metavar='ARCH', default='resnet50',
-                   help='model architecture: ' + ' | '.join(models.ARCHS) + ' (default: resnet50)')
-    p.add_argument('-j', '--workers', default=32, type=int, metavar='N',
-                   help='number of data loading workers per process (default: 32)')
-    p.add_argument('--epochs', default=90, type=int, metavar='N', help='number of total epochs to run')
-    p.add_argument('--start-epoch', default=0, type=int, metavar='N',
-                   help='manual epoch number (useful on restarts)')
-    p.add_argument('-b', '--batch-size', default=1024, type=int, metavar='N',
-                   help='mini-batch size (default: 1024), the total of all processes')
-    p.add_argument('--lr', '--learning-rate', default=0.1, type=float, metavar='LR', dest='lr',
-                   help='initial (base) learning rate, scaled by batch-size / 256')
-    p.add_argument('--momentum', default=0.9, type=float, metavar='M', help='momentum')
-    p.add_argument('--wd', '--weight-decay', default=0., type=float, metavar='W', dest='weight_decay',
-                   help='weight decay (default: 0.)')
-    p.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency (default: 10)')
-    p.add_argument('--resume', default='', type=str, metavar='PATH',
-                   help='path to a linear-classification checkpoint to resume from (ours, or an official '
-                        'linear-*.pth.tar)')
+    engine.add_official_flags(p, 'path to the data set (DIR/train/<class>, DIR/val/<class>)', 'resnet50', 90, 1024,
+                              0.1, 0., 'momentum', 'path to a linear-classification checkpoint to resume from (ours, '
+                              'or an official linear-*.pth.tar)')
     p.add_argument('-e', '--evaluate', dest='evaluate', action='store_true',
                    help='evaluate the model on the validation set and stop')
-    p.add_argument('--seed', default=None, type=int, help='seed for initializing training')
     p.add_argument('--pretrained', default='', type=str, metavar='PATH', help='path to the pre-trained checkpoint')
 
     g = p.add_argument_group('Paddle port')
@@ -105,13 +78,8 @@ def get_parser():
                    help="input resolution (default: the pre-trained ViT's, else 224)")
     g.add_argument('--num-classes', default=None, type=int,
                    help='classifier outputs (default: the number of class folders in DIR/train)')
-    g.add_argument('--output-dir', default='.', help="where checkpoints and the log go (default: '.')")
-    g.add_argument('--device', default=None, choices=('cpu', 'gpu'),
-                   help='default: gpu if Paddle was built with CUDA, else cpu')
-    g.add_argument('--vit-patch-size', default=None, type=int, help='override the ViT patch size')
-    g.add_argument('--vit-embed-dim', default=None, type=int, help='override the ViT width')
-    g.add_argument('--vit-depth', default=None, type=int, help='override the ViT depth')
-    g.add_argument('--vit-num-heads', default=None, type=int, help='override the ViT number of heads')
+    engine.add_port_flags(g)
+    engine.add_vit_flags(g)
     return p
 
 
@@ -127,92 +95,6 @@ def head_keys(arch):
     return {f'{kw}.weight', f'{kw}.bias'}
 
 
-def vit_kwargs_of(args):
-    return {key: getattr(args, flag) for flag, key in VIT_FLAGS if getattr(args, flag, None) is not None}
-
-
-def resolve_device(name):
-    cuda = paddle.device.is_compiled_with_cuda()
-    device = name or ('gpu' if cuda else 'cpu')
-    if device == 'gpu' and not cuda:
-        raise RunError('--device gpu: this Paddle build has no CUDA support (install paddlepaddle-gpu, '
-                       'or pass --device cpu)')
-    if device == 'gpu':
-        paddle.set_device(f'gpu:{dist.ParallelEnv().device_id}')
-    else:
-        paddle.set_device('cpu')
-    return device
-
-
-def prepare_output_dir(path):
-    """Create the output folder (its parent must exist) and prove that a file can be written in it."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise RunError(f'--output-dir {path} exists and is not a folder')
-    if not os.path.isdir(path):
-        parent = os.path.dirname(path)
-        if not os.path.isdir(parent):
-            raise RunError(f'--output-dir {path}: its parent folder {parent} does not exist (create it first)')
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError as e:
-            raise RunError(f'--output-dir {path} cannot be created: {e.strerror or e}') from None
-    probe = os.path.join(path, f'.write-probe-{os.getpid()}')
-    try:
-        with open(probe, 'w') as f:
-            f.write('ok')
-        os.remove(probe)
-    except OSError as e:
-        raise RunError(f'--output-dir {path} is not writable: {e.strerror or e}') from None
-    return path
-
-
-def data_folders(data, need_train=True):
-    """(traindir or None, valdir), checked to exist and to hold the same classes."""
-    if not os.path.isdir(data):
-        what = 'is not a folder' if os.path.exists(data) else 'does not exist'
-        raise RunError(f'data folder {data} {what}: expected {data}/train/<class>/<images> and '
-                       f'{data}/val/<class>/<images>')
-    traindir, valdir = os.path.join(data, 'train'), os.path.join(data, 'val')
-    if not os.path.isdir(valdir):
-        raise RunError(f'{data} has no val/ sub-folder: expected {data}/val/<class>/<images>')
-    if not need_train:
-        data_mod.find_classes(valdir)
-        return None, valdir
-    if not os.path.isdir(traindir):
-        raise RunError(f'{data} has no train/ sub-folder: expected {data}/train/<class>/<images>')
-    data_mod.check_split(traindir, valdir)
-    return traindir, valdir
-
-
-def check_readable(dataset):
-    """Read one sample here, in this thread: a folder without any readable image fails now with one line
-    (DataError), not inside Paddle's DataLoader, whose -j 0 reader thread dies and leaves the loop waiting
-    forever. The warnings about the unreadable files met on the way are shown only if one is found."""
-    import warnings
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter('always', data_mod.CorruptImageWarning)
-        dataset[0]
-    for w in seen:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return dataset
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    paddle.seed(seed)
-
-
-def shared_int(value):
-    """``value`` of rank 0, on every rank."""
-    if utils.world_size() <= 1:
-        return int(value)
-    t = paddle.to_tensor([int(value) if utils.rank() == 0 else 0], dtype='int64')
-    dist.all_reduce(t)
-    return int(t.item())
-
-
 # ------------------------------------------------------------------------------ pre-trained weights
 
 @dataclass
@@ -224,13 +106,6 @@ class Pretrained:
     img_size: int = None          # ViT: the resolution its pos_embed was built for; None for a ResNet
     vit_kwargs: dict = field(default_factory=dict)  # --vit-* overrides main_moco was run with
     what: str = ''
-
-
-def _our_kind(obj):
-    """The 'kind' of an object read from one of this port's Paddle files, else None."""
-    if not isinstance(obj, dict) or obj.get('format') != CHECKPOINT_FORMAT:
-        return None
-    return obj.get('kind')
 
 
 def _vit_kwargs_from_moco_args(a):
@@ -465,7 +340,8 @@ def accuracy(output, target, topk=(1,)):
 
 
 def train_one_epoch(loader, model, criterion, optimizer, epoch=0, print_freq=10, logger=None, topk=(1, 5)):
-    """One epoch as the official train(): model.eval() (BN frozen), forward, cross-entropy, SGD step.
+    """One epoch as the official train(): model.eval() (BN frozen), forward, cross-entropy, SGD step
+    (engine.lincls_step, the step the parity harness drives).
     Returns {'loss', 'acc1', 'acc5' (means), 'losses' (per iteration, this process)}."""
     model.eval()
     batch_time = utils.AverageMeter('Time', ':6.3f')
@@ -479,10 +355,8 @@ def train_one_epoch(loader, model, criterion, optimizer, epoch=0, print_freq=10,
     end = time.time()
     for i, (images, target) in enumerate(loader):
         data_time.update(time.time() - end)
-        output = model(images)
-        loss = criterion(output, target)
-        value = float(loss.item())
-        if not math.isfinite(value):
+        value, output, finite = engine.lincls_step(model, images, target, optimizer, criterion)
+        if not finite:
             raise Diverged(f'loss is {value} at epoch {epoch}, iteration {i + 1}; stopped')
         acc1, acc5 = accuracy(output, target, topk=topk)
         b = int(images.shape[0])
@@ -490,10 +364,6 @@ def train_one_epoch(loader, model, criterion, optimizer, epoch=0, print_freq=10,
         top1.update(acc1, b)
         top5.update(acc5, b)
         per_iter.append(value)
-
-        optimizer.clear_grad()
-        loss.backward()
-        optimizer.step()
 
         batch_time.update(time.time() - end)
         end = time.time()
@@ -535,15 +405,10 @@ def val_subset(dataset, rank, world):
 
 def read_resume(path):
     """(Paddle-layout full state dict, meta dict) of a linear-classification checkpoint: ours, or an
-    official linear-*.pth.tar read through convert/ (its optimizer state is not carried over)."""
-    if not os.path.isfile(path):
-        raise RunError(f"--resume '{path}': " + ('no such file' if not os.path.exists(path) else 'not a file'))
-    try:
-        fmt = pio.sniff_format(path)
-        obj = pio.load_checkpoint(path) if fmt == 'pickle' else None
-    except pio.CheckpointError as e:
-        raise RunError(f'--resume: {e}') from None
-    kind = _our_kind(obj)
+    official linear-*.pth.tar read through convert/, whose SGD state becomes momentum buffers by parameter
+    name (meta['optimizer']); when it cannot, meta['optimizer_note'] says why (run() tells the user)."""
+    obj, _ = engine.read_checkpoint(path)
+    kind = engine.our_kind(obj)
     if kind == 'linear':
         return obj['state_dict'], obj
     if kind == 'pretrain':
@@ -560,223 +425,204 @@ def read_resume(path):
     except pio.CheckpointError as e:
         raise RunError(f'--resume: {e}') from None
     sd, _ = conv.paddle_state_dict(ck)
-    opt = None
+    opt, note = None, ck.optimizer_note or 'the file holds no optimizer state'
     if ck.optimizer is not None:  # the official SGD state (2 parameters) -> momentum buffers by name
         try:
-            opt = conv.optimizer_to_paddle(ck)
-        except Exception:  # an optimizer convert cannot map: the weights still load
-            opt = None
+            opt, note = conv.optimizer_to_paddle(ck), None
+        except (KeyError, IndexError, TypeError, ValueError, pio.CheckpointError) as e:
+            note = f'its optimizer state cannot be read ({type(e).__name__}: {e})'
     meta = {'epoch': ck.epoch, 'arch': ck.arch, 'img_size': ck.img_size, 'num_classes': ck.num_classes,
-            'best_acc1': ck.best_acc1, 'optimizer': opt, 'vit_kwargs': {}, 'foreign': ck.describe()}
+            'best_acc1': ck.best_acc1, 'optimizer': opt, 'optimizer_note': note, 'vit_kwargs': {},
+            'foreign': ck.describe()}
     return sd, meta
 
 
 def load_full_state(model, state, path):
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise RunError(f"--resume '{path}' does not fit the model ({len(missing)} missing keys, e.g. {missing[:2]}; "
-                       f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); use the -a / --vit-* / "
-                       f"--num-classes settings it was trained with")
-    for k, t in own.items():
-        v = np.asarray(state[k])
-        if tuple(v.shape) != tuple(t.shape):
-            raise RunError(f"--resume '{path}': {k} has shape {tuple(v.shape)} in the checkpoint, "
-                           f"{tuple(t.shape)} in the model; use the settings it was trained with")
-        t.set_value(paddle.to_tensor(v).astype(t.dtype))
+    engine.load_state_exactly(model, state, f"--resume '{path}'", '-a / --vit-* / --num-classes')
 
 
-def _num(x):
-    if isinstance(x, (np.ndarray, np.generic)):
-        return x.item()
-    return x
+def restore_sgd_state(optimizer, meta, path, logger):
+    """The SGD momentum buffers of a --resume file, or one warning line saying why they start from zero."""
+    opt_state = meta.get('optimizer')
+    if isinstance(opt_state, dict) and opt_state.get('type') == 'Momentum':
+        try:
+            optimizer.set_state_dict(opt_state)
+        except ValueError as e:
+            raise RunError(f"--resume '{path}': {e}") from None
+        return True
+    why = meta.get('optimizer_note') or (f"its optimizer is {opt_state.get('type')}, not SGD with momentum"
+                                         if isinstance(opt_state, dict) else 'no SGD state in it')
+    logger.warning(f"--resume '{path}': the SGD state is not restored ({why}; {meta.get('foreign', 'ours')}); "
+                   f'the momentum buffers start from zero')
+    return False
 
 
 # ------------------------------------------------------------------------------------------------- run
 
 def check_args(args):
-    if args.arch not in models.ARCHS:
-        raise RunError(f"unknown arch '{args.arch}'; known: {', '.join(models.ARCHS)}")
-    if vit_kwargs_of(args) and args.arch not in models.VIT_ARCHS:
-        raise RunError(f'--vit-* options apply to the ViT archs only, not to {args.arch}')
-    for flag in ('epochs', 'batch_size', 'print_freq'):
-        if getattr(args, flag) < 1:
-            raise RunError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag in ('workers', 'start_epoch'):
-        if getattr(args, flag) < 0:
-            raise RunError(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
-    for flag in ('img_size', 'num_classes', 'vit_patch_size', 'vit_embed_dim', 'vit_depth', 'vit_num_heads'):
-        v = getattr(args, flag, None)
-        if v is not None and v < 1:
-            raise RunError(f"--{flag.replace('_', '-')} must be positive, got {v}")
-    if args.lr <= 0 or not math.isfinite(args.lr):
-        raise RunError(f'--lr must be positive, got {args.lr}')
+    engine.check_common_args(args, positive=('epochs', 'batch_size', 'print_freq'),
+                             non_negative=('workers', 'start_epoch'), optional_positive=('img_size', 'num_classes'))
     if args.weight_decay < 0 or not 0 <= args.momentum < 1:
         raise RunError(f'--wd must be >= 0 and --momentum in [0, 1), got {args.weight_decay} and {args.momentum}')
+
+
+def count_classes(args, run, meta, evaluate, flag='--resume'):
+    """--num-classes, or the number of class folders; a resumed file must have as many."""
+    classes, _ = data_mod.find_classes(run.valdir if evaluate else run.traindir)
+    num_classes = args.num_classes or len(classes)
+    if num_classes < len(classes):
+        raise RunError(f'--num-classes {num_classes} is smaller than the {len(classes)} class folders of the data')
+    if meta and meta.get('num_classes') not in (None, num_classes):
+        raise RunError(f"{flag} '{args.resume}' has {meta['num_classes']} classes, the data {num_classes}; "
+                       f"pass --num-classes {meta['num_classes']} or other data")
+    return num_classes
+
+
+def read_inputs(s, args, backbone_flag, backbone_path):
+    """The --resume and backbone files, read and checked first, so a wrong one fails before anything heavy is
+    built; then the ViT settings, image size and number of classes they and the flags give."""
+    meta = s.meta or {}
+    s.pre = read_pretrained(backbone_path, flag=backbone_flag) if backbone_path else None
+    if s.pre is not None:
+        check_pretrained_arch(s.pre, args.arch, flag=backbone_flag)
+    if s.meta is not None and meta.get('arch') not in (None, args.arch):
+        raise RunError(f"--resume '{args.resume}' is a {meta['arch']} model, this run is -a {args.arch}; "
+                       f"pass -a {meta['arch']}")
+    # --vit-* given on the command line win over what the checkpoint says
+    s.vit_kwargs = {**(meta.get('vit_kwargs') or (s.pre.vit_kwargs if s.pre else {})), **vit_kwargs_of(args)}
+    s.img_size = int(args.img_size or meta.get('img_size') or (s.pre.img_size if s.pre else None) or 224)
+    s.num_classes = count_classes(args, s.run, meta, s.evaluate)
+
+
+def setup(args):
+    """Everything before the first epoch: checks, processes, files, model, optimizer, resume."""
+    check_args(args)
+    run = engine.start(args, train=not args.evaluate, val=True, writes=not args.evaluate, amp=False)
+    s = SimpleNamespace(args=args, run=run, logger=run.logger, evaluate=args.evaluate, t_start=time.time())
+    s.resume_sd, s.meta = read_resume(args.resume) if args.resume else (None, None)
+    read_inputs(s, args, '--pretrained', args.pretrained)
+    if args.seed is not None:
+        seed_everything(args.seed)
+    s.model = build_classifier(args.arch, s.num_classes, s.img_size, s.vit_kwargs)
+    s.loaded_keys = set()
+    if s.pre is not None:
+        s.loaded_keys = load_backbone_into(s.model, s.pre.state_dict, args.arch, s.pre.path)
+        s.logger.info(f"=> loaded pre-trained model '{s.pre.path}' ({s.pre.what}); missing only "
+                      f"{sorted(head_keys(args.arch))}")
+    elif not args.resume:
+        s.logger.warning('no --pretrained: the backbone is randomly initialised (a baseline)')
+    s.init_lr = args.lr * args.batch_size / 256
+    head_params = [(n, p) for n, p in s.model.named_parameters() if not p.stop_gradient]
+    assert len(head_params) == 2  # weight, bias
+    s.optimizer = SGD(head_params, s.init_lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    s.start_epoch, s.best_acc1 = args.start_epoch, 0.
+    if s.resume_sd is not None:
+        load_full_state(s.model, s.resume_sd, args.resume)
+        s.start_epoch = int(_num(s.meta.get('epoch')) or 0)
+        s.best_acc1 = float(_num(s.meta.get('best_acc1')) or 0.)
+        if not args.evaluate:
+            restore_sgd_state(s.optimizer, s.meta, args.resume, s.logger)
+        s.logger.info(f"=> loaded checkpoint '{args.resume}' (epoch {s.start_epoch}, best acc@1 {s.best_acc1:.3f})")
+    return s
+
+
+def val_loader_of(s, transform):
+    s.val_dataset = check_readable(data_mod.ImageFolder(s.run.valdir, transform))
+    return paddle.io.DataLoader(val_subset(s.val_dataset, s.run.rank, s.run.world), batch_size=s.run.per_proc,
+                                shuffle=False, num_workers=s.args.workers)
+
+
+def evaluate_only(s, val_loader, criterion, summary):
+    res = evaluate(val_loader, s.model, criterion)
+    s.logger.info(f" * Acc@1 {res['acc1']:.3f} Acc@5 {res['acc5']:.3f}  (loss {res['loss']:.4f}, "
+                  f"{res['count']} images)")
+    summary.update(acc1=res['acc1'], acc5=res['acc5'], val_loss=res['loss'], best_acc1=res['acc1'],
+                   epochs_done=s.start_epoch, time=time.time() - s.t_start)
+    return summary
+
+
+def validate_and_save(s, epoch, tr, cur_lr, val_loader, criterion, checkpoint):
+    """After an epoch: top-1/top-5 on val, the log line, the metrics record, checkpoint.pdparams and (best top-1)
+    model_best.pdparams; ``checkpoint()`` builds the saved object (rank 0). Returns the val results."""
+    res = evaluate(val_loader, s.model, criterion)
+    is_best = res['acc1'] > s.best_acc1
+    s.best_acc1 = max(res['acc1'], s.best_acc1)
+    s.logger.info(f" * epoch {epoch}: Acc@1 {res['acc1']:.3f} Acc@5 {res['acc5']:.3f} (best {s.best_acc1:.3f}); "
+                  f"train loss {tr['loss']:.4f}, lr {cur_lr:.4g}")
+    rec = {'epoch': epoch, 'lr': cur_lr, 'train_loss': tr['loss'], 'val_loss': res['loss'], 'acc1': res['acc1'],
+           'acc5': res['acc5']}
+    s.history.append(dict(rec, **({'train_acc1': tr['acc1']} if 'acc1' in tr else {})))
+    obj = checkpoint()
+    if s.run.rank == 0:
+        s.metrics.write(dict(rec, type='epoch', global_step=epoch + 1, best_acc1=s.best_acc1, time=time.time()))
+        path = os.path.join(s.run.output_dir, 'checkpoint.pdparams')
+        s.last_ckpt = engine.save_checkpoint(obj, path, s.last_ckpt, s.logger, f'--resume {path}')
+        if is_best:
+            engine.save_checkpoint(obj, os.path.join(s.run.output_dir, 'model_best.pdparams'), s.last_ckpt,
+                                   s.logger, f'--resume {path}')
+    return res
+
+
+def finish(s, summary, res):
+    summary.update(acc1=res['acc1'], acc5=res['acc5'], val_loss=res['loss'], best_acc1=s.best_acc1,
+                   history=s.history, epochs_done=s.args.epochs, time=time.time() - s.t_start,
+                   checkpoint=os.path.join(s.run.output_dir, 'checkpoint.pdparams'))
+    if s.metrics is not None:
+        s.metrics.close()
+    s.logger.info(f'done in {utils.format_duration(summary["time"])}: best Acc@1 {s.best_acc1:.3f}')
+    return summary
+
+
+def linear_checkpoint(s, epoch):
+    args, m = s.args, s.model_without_ddp
+    return {'format': CHECKPOINT_FORMAT, 'kind': 'linear', 'epoch': epoch + 1, 'arch': args.arch,
+            'img_size': s.img_size, 'num_classes': s.num_classes, 'vit_kwargs': s.vit_kwargs,
+            'state_dict': m.state_dict(), 'best_acc1': s.best_acc1, 'optimizer': s.optimizer.state_dict(),
+            'pretrained': args.pretrained, 'data_seed': s.data_seed, 'args': dict(vars(args))}
 
 
 def run(args):
     """Linear classification as the official main_lincls; returns a summary dict (and the model under
     'model'). Raises RunError on a user error, Diverged on a NaN/inf loss."""
-    t_start = time.time()
-    check_args(args)
-    device = resolve_device(args.device)
-    rank, world = utils.init_distributed()
-    logger = utils.setup_logging(rank)
-
-    traindir, valdir = data_folders(args.data, need_train=not args.evaluate)
-    output_dir = os.path.abspath(args.output_dir)
-    if rank == 0 and not args.evaluate:
-        output_dir = prepare_output_dir(output_dir)
-        logger = utils.setup_logging(rank, os.path.join(output_dir, 'log.txt'))
-
-    per_proc = args.batch_size // world
-    if per_proc < 1:
-        raise RunError(f'--batch-size {args.batch_size} is smaller than the number of processes ({world})')
-
-    # read the files first, so a wrong one fails before anything heavy is built
-    resume_sd, resume_meta = (read_resume(args.resume) if args.resume else (None, None))
-    pre = read_pretrained(args.pretrained) if args.pretrained else None
-    if pre is not None:
-        check_pretrained_arch(pre, args.arch)
-    if resume_meta is not None and resume_meta.get('arch') not in (None, args.arch):
-        raise RunError(f"--resume '{args.resume}' is a {resume_meta['arch']} classifier, this run is -a {args.arch}; "
-                       f"pass -a {resume_meta['arch']}")
-
-    # --vit-* given on the command line win over what the checkpoint says
-    vit_kwargs = {**((resume_meta or {}).get('vit_kwargs') or (pre.vit_kwargs if pre else {})), **vit_kwargs_of(args)}
-    img_size = args.img_size or (resume_meta or {}).get('img_size') or (pre.img_size if pre else None) or 224
-    img_size = int(img_size)
-
-    classes, _ = data_mod.find_classes(valdir if args.evaluate else traindir)
-    num_classes = args.num_classes or len(classes)
-    if num_classes < len(classes):
-        raise RunError(f'--num-classes {num_classes} is smaller than the {len(classes)} class folders of the data')
-    if resume_meta is not None and resume_meta.get('num_classes') not in (None, num_classes):
-        raise RunError(f"--resume '{args.resume}' has {resume_meta['num_classes']} classes, the data "
-                       f"{num_classes}; pass --num-classes {resume_meta['num_classes']} or other data")
-
-    if args.seed is not None:
-        seed_everything(args.seed)
-    model = build_classifier(args.arch, num_classes, img_size, vit_kwargs)
-    kw = linear_keyword(args.arch)
-
-    loaded_keys = set()
-    if pre is not None:
-        loaded_keys = load_backbone_into(model, pre.state_dict, args.arch, pre.path)
-        logger.info(f"=> loaded pre-trained model '{pre.path}' ({pre.what}); missing only {sorted(head_keys(args.arch))}")
-    elif not args.resume:
-        logger.warning('no --pretrained: the backbone is randomly initialised (a baseline)')
-
-    init_lr = args.lr * args.batch_size / 256
-    head_params = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]
-    assert len(head_params) == 2  # weight, bias
-    optimizer = SGD(head_params, init_lr, momentum=args.momentum, weight_decay=args.weight_decay)
-
-    start_epoch, best_acc1 = args.start_epoch, 0.
-    if resume_sd is not None:
-        load_full_state(model, resume_sd, args.resume)
-        start_epoch = int(_num(resume_meta.get('epoch')) or 0)
-        best_acc1 = float(_num(resume_meta.get('best_acc1')) or 0.)
-        opt_state = resume_meta.get('optimizer')
-        if isinstance(opt_state, dict) and opt_state.get('type') == 'Momentum':
-            try:
-                optimizer.set_state_dict(opt_state)
-            except ValueError as e:
-                raise RunError(f"--resume '{args.resume}': {e}") from None
-        elif not args.evaluate:
-            logger.warning(f"--resume '{args.resume}': no SGD state in it ({resume_meta.get('foreign', '')}); "
-                           f'the momentum buffers start from zero')
-        logger.info(f"=> loaded checkpoint '{args.resume}' (epoch {start_epoch}, best acc@1 {best_acc1:.3f})")
-
-    criterion = nn.CrossEntropyLoss()
-    _, val_transform = loader_mod.build_lincls_transforms(img_size)
-    val_dataset = check_readable(data_mod.ImageFolder(valdir, val_transform))
-    val_loader = paddle.io.DataLoader(val_subset(val_dataset, rank, world), batch_size=per_proc, shuffle=False,
-                                      num_workers=args.workers)
-
-    model_without_ddp = model
-    summary = {'model': model_without_ddp, 'output_dir': output_dir, 'num_classes': num_classes,
-               'img_size': img_size, 'arch': args.arch}
+    s = setup(args)
+    run_, criterion = s.run, nn.CrossEntropyLoss()
+    train_transform, val_transform = loader_mod.build_lincls_transforms(s.img_size)
+    val_loader = val_loader_of(s, val_transform)
+    s.model_without_ddp = s.model
+    summary = {'model': s.model, 'output_dir': run_.output_dir, 'num_classes': s.num_classes,
+               'img_size': s.img_size, 'arch': args.arch}
     if args.evaluate:
-        res = evaluate(val_loader, model, criterion)
-        logger.info(f" * Acc@1 {res['acc1']:.3f} Acc@5 {res['acc5']:.3f}  (loss {res['loss']:.4f}, "
-                    f"{res['count']} images)")
-        summary.update(acc1=res['acc1'], acc5=res['acc5'], val_loss=res['loss'], best_acc1=res['acc1'],
-                       epochs_done=start_epoch, time=time.time() - t_start)
-        return summary
-
-    if args.seed is not None:
-        data_seed = args.seed
-    elif resume_meta is not None and resume_meta.get('data_seed') is not None:
-        data_seed = int(_num(resume_meta['data_seed']))
-    else:
-        data_seed = shared_int(int.from_bytes(os.urandom(4), 'little') >> 1)
-    train_transform, _ = loader_mod.build_lincls_transforms(img_size)
-    train_dataset = check_readable(data_mod.ImageFolder(traindir, train_transform, seed=data_seed))
-    sampler = paddle.io.DistributedBatchSampler(train_dataset, batch_size=per_proc, shuffle=True, drop_last=False,
-                                                num_replicas=world, rank=rank)
+        return evaluate_only(s, val_loader, criterion, summary)
+    s.data_seed = engine.data_seed(args.seed, (s.meta or {}).get('data_seed'))
+    train_dataset = check_readable(data_mod.ImageFolder(run_.traindir, train_transform, seed=s.data_seed))
+    sampler = paddle.io.DistributedBatchSampler(train_dataset, batch_size=run_.per_proc, shuffle=True,
+                                                drop_last=False, num_replicas=run_.world, rank=run_.rank)
     train_loader = paddle.io.DataLoader(train_dataset, batch_sampler=sampler, num_workers=args.workers)
-    if world > 1:
-        model = paddle.DataParallel(model)
-
-    n_backbone = sum(int(np.prod(p.shape)) for n, p in model_without_ddp.named_parameters()
+    if run_.world > 1:
+        s.model = paddle.DataParallel(s.model)
+    n_backbone = sum(int(np.prod(p.shape)) for n, p in s.model_without_ddp.named_parameters()
                      if p.stop_gradient and not n.endswith(('_mean', '_variance')))
-    logger.info(f'arch {args.arch} (img {img_size}, {n_backbone / 1e6:.2f}M frozen params), {num_classes} '
-                f'classes, {len(train_dataset)} train / {len(val_dataset)} val images, {world} process(es) x '
-                f'{per_proc} = batch {per_proc * world}, SGD lr {init_lr:.4g} (base {args.lr} x {args.batch_size}/256) '
-                f'momentum {args.momentum} wd {args.weight_decay}, device {device}')
-
-    history = []
-    res = {'acc1': None, 'acc5': None, 'loss': None}
-    for epoch in range(start_epoch, args.epochs):
+    s.logger.info(f'arch {args.arch} (img {s.img_size}, {n_backbone / 1e6:.2f}M frozen params), {s.num_classes} '
+                  f'classes, {len(train_dataset)} train / {len(s.val_dataset)} val images, {run_.world} process(es) '
+                  f'x {run_.per_proc} = batch {run_.per_proc * run_.world}, SGD lr {s.init_lr:.4g} (base {args.lr} x '
+                  f'{args.batch_size}/256) momentum {args.momentum} wd {args.weight_decay}, device {run_.device}')
+    s.metrics = engine.open_metrics(run_, args, resumed_at=s.start_epoch if args.resume else None)
+    s.history, s.last_ckpt, res = [], args.resume or None, {'acc1': None, 'acc5': None, 'loss': None}
+    for epoch in range(s.start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         train_dataset.set_epoch(epoch)
-        cur_lr = adjust_learning_rate(optimizer, init_lr, epoch, args.epochs)
-        tr = train_one_epoch(train_loader, model, criterion, optimizer, epoch, args.print_freq, logger)
-        res = evaluate(val_loader, model, criterion)
-        is_best = res['acc1'] > best_acc1
-        best_acc1 = max(res['acc1'], best_acc1)
-        logger.info(f" * epoch {epoch}: Acc@1 {res['acc1']:.3f} Acc@5 {res['acc5']:.3f} (best {best_acc1:.3f}); "
-                    f"train loss {tr['loss']:.4f}, lr {cur_lr:.4g}")
-        history.append({'epoch': epoch, 'lr': cur_lr, 'train_loss': tr['loss'], 'train_acc1': tr['acc1'],
-                        'val_loss': res['loss'], 'acc1': res['acc1'], 'acc5': res['acc5']})
-        if rank == 0:
-            ckpt = {'format': CHECKPOINT_FORMAT, 'kind': 'linear', 'epoch': epoch + 1, 'arch': args.arch,
-                    'img_size': img_size, 'num_classes': num_classes, 'vit_kwargs': vit_kwargs,
-                    'state_dict': model_without_ddp.state_dict(), 'best_acc1': best_acc1,
-                    'optimizer': optimizer.state_dict(), 'pretrained': args.pretrained, 'data_seed': data_seed,
-                    'args': {k: v for k, v in vars(args).items()}}
-            path = os.path.join(output_dir, 'checkpoint.pdparams')
-            pio.save_checkpoint(ckpt, path)
-            if is_best:
-                pio.save_checkpoint(ckpt, os.path.join(output_dir, 'model_best.pdparams'))
-        if epoch == start_epoch and pre is not None:
-            sanity_check(model_without_ddp, pre.state_dict, args.arch, loaded_keys)
-            logger.info('=> sanity check passed: the backbone equals the pre-trained weights')
-
-    summary.update(acc1=res['acc1'], acc5=res['acc5'], val_loss=res['loss'], best_acc1=best_acc1,
-                   history=history, epochs_done=args.epochs, time=time.time() - t_start,
-                   checkpoint=os.path.join(output_dir, 'checkpoint.pdparams'))
-    logger.info(f'done in {utils.format_duration(summary["time"])}: best Acc@1 {best_acc1:.3f}')
-    return summary
+        cur_lr = adjust_learning_rate(s.optimizer, s.init_lr, epoch, args.epochs)
+        tr = train_one_epoch(train_loader, s.model, criterion, s.optimizer, epoch, args.print_freq, s.logger)
+        res = validate_and_save(s, epoch, tr, cur_lr, val_loader, criterion, lambda: linear_checkpoint(s, epoch))
+        if epoch == s.start_epoch and s.pre is not None:
+            sanity_check(s.model_without_ddp, s.pre.state_dict, args.arch, s.loaded_keys)
+            s.logger.info('=> sanity check passed: the backbone equals the pre-trained weights')
+    return finish(s, summary, res)
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    try:
-        run(args)
-    except (RunError, data_mod.DataError, pio.CheckpointError) as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    except Diverged as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        return EXIT_DIVERGED
-    except KeyboardInterrupt:
-        print('error: interrupted', file=sys.stderr, flush=True)
-        return 130
-    return 0
+    return engine.run_main(run, args, resume_hint='--resume OUTPUT_DIR/checkpoint.pdparams')
 
 
 # ------------------------------------------------------------------------------------------------ demo
@@ -824,3 +670,4 @@ def linear_probe(data, pretrained=None, arch='vit_small', epochs=10, batch_size=
 
 if __name__ == '__main__':
     sys.exit(main())
+

@@ -4,6 +4,8 @@ Examples:
   python -m parity --arch all --dtype float64
   python -m parity --arch vit_small --dtype float32 --img-size 224 --batch 4
   python -m parity --arch resnet50 --steps 10 --optimizer lars
+  python -m parity --paddle-ops --arch all        (Paddle's own ops only: what a GPU runs)
+  python -m parity --device gpu --dtype both      (Paddle side on the GPU, TF32 off)
   python -m parity --arch vit_small --depth 2 --trace                 (first divergent module, see docs/trace.md)
   python -m parity --arch resnet50 --steps 10 --trace                 (first step and module that leave tolerance)
   python -m parity --reference official --official-src MOCO_V3_DIR --timm-src TIMM049_DIR
@@ -66,6 +68,14 @@ def _patch(arch):
 
 
 def main(argv=None):
+    # ---- begin gpu_mode block (issue 18 points 8-9; owner: the gpu helper; code in parity/gpu_mode.py) ----
+    # --paddle-ops: every CPU-only path off (Paddle's own ops, as on a GPU); --device cpu|gpu: the GPU, TF32 off.
+    # Both are taken out of argv and applied (and said, on stdout) before anything else runs.
+    from parity import gpu_mode
+    argv, rc = gpu_mode.setup(sys.argv[1:] if argv is None else list(argv))
+    if rc is not None:
+        return rc
+    # ---- end gpu_mode block ----
     args = parse_args(argv)
     archs = ARCHS if args.arch == 'all' else [args.arch]
     for a in archs:
