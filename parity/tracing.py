@@ -321,11 +321,19 @@ def format_trace(res, max_rows=None, context=4):
     lines += [head, '-' * len(head)]
     rows = res.rows
     fk = (res.first['path'], res.first['call']) if res.first else None
-    stop = len(rows)
+    stop, shown = len(rows), list(range(len(rows)))
     if max_rows is not None and fk is not None:
         idx = next((i for i, r in enumerate(rows) if (r.path, r.call) == fk), len(rows) - 1)
         stop = min(len(rows), max(idx + 1 + context, max_rows))
-    for r in rows[:stop]:
+        shown = list(range(stop))
+        if stop > max_rows:  # the head of the table, then the rows leading to the first divergence
+            head_n = max(max_rows // 4, 1)
+            shown = list(range(head_n)) + [None] + list(range(max(head_n, stop - (max_rows - head_n)), stop))
+    for i in shown:
+        if i is None:
+            lines.append('...')
+            continue
+        r = rows[i]
         bad = not (r.fwd_ok and r.bwd_ok and r.state_ok)
         mark = '  << FIRST DIVERGENCE' if (r.path, r.call) == fk else ('  !' if bad else '')
         name = (r.path or '(model)') + (f' #{r.call}' if r.call else '')
