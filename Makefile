@@ -2,9 +2,11 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Paddle's bundled MKL takes a slow path on AMD unless told; set before paddle is imported.
-export OMP_NUM_THREADS ?= 2
-export MKL_DEBUG_CPU_TYPE ?= 5
+# Per-machine settings (threads; MKL's code path on AMD CPUs only), decided by paddle_impl/machine.py for THIS
+# machine (`$(VPY) -m paddle_impl.machine` says what and why); variables already set by the user win. Every
+# Python entry point also applies them itself when it imports paddle_impl; this passes them to all processes.
+MACHINE_ENV := $(shell test -x $(VPY) && $(VPY) -m paddle_impl.machine --make 2>/dev/null)
+$(foreach kv,$(MACHINE_ENV),$(eval export $(kv)))
 # torch and paddle in one process (parity, tests): idle OpenMP threads sleep instead of spinning
 export OMP_WAIT_POLICY ?= PASSIVE
 
@@ -36,3 +38,17 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# The float64 proof against the ORIGINAL facebookresearch/moco-v3 code (not in this repository):
+#   git clone https://github.com/facebookresearch/moco-v3 DIR; pip install --target TIMMDIR timm==0.4.9
+#   make parity-official OFFICIAL=DIR TIMM=TIMMDIR
+.PHONY: parity-official
+parity-official: $(STAMP)
+	@test -n "$(OFFICIAL)" || { echo "error: pass OFFICIAL=DIR (a checkout of facebookresearch/moco-v3) and TIMM=DIR (pip install --target DIR timm==0.4.9)"; exit 2; }
+	mkdir -p out
+	$(VPY) -m parity --reference official --official-src $(OFFICIAL) --timm-src $(TIMM) --arch vit_small --batch 4 --json out/official_vit_small.json
+	$(VPY) -m parity --reference official --official-src $(OFFICIAL) --timm-src $(TIMM) --arch resnet50 --batch 4 --json out/official_resnet50.json
+	$(VPY) -m parity --reference official --official-src $(OFFICIAL) --timm-src $(TIMM) --arch vit_small --depth 4 --steps 10 --json out/official_steps_vit_small.json
+	$(VPY) -m parity --reference official --official-src $(OFFICIAL) --timm-src $(TIMM) --arch resnet50 --steps 10 --json out/official_steps_resnet50.json
+	$(VPY) -m parity --reference official --official-src $(OFFICIAL) --timm-src $(TIMM) --arch vit_small --depth 2 --trace --json out/official_trace.json
+	$(VPY) -m parity.summary out/official_vit_small.json out/official_resnet50.json out/official_steps_vit_small.json out/official_steps_resnet50.json

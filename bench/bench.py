@@ -8,11 +8,19 @@ paddle and the torch worker call by call: warm-up, then the median over repetiti
 every other round, with a short pause between calls so that one side's idle OpenMP threads stop spinning
 before the other side starts.
 
-Both frameworks' workers get the same environment, including glibc's malloc settings: by default those that
-paddle_impl sets for itself at import (``paddle_impl.MALLOC_ENV``: freed memory is kept for reuse rather
-than unmapped; on the test VM first-touch page faults otherwise cost Paddle ~15% of a ResNet step and torch
-~5%); ``--allocator both`` also measures the steps with glibc's defaults on both sides
-(``step_time_<model>_glibc_default``).
+Settings. Both frameworks' workers get the environment paddle_impl decides for this machine
+(paddle_impl/machine.py: threads = cores, MKL's code path on AMD CPUs; torch's own MKL ignores that variable)
+and, per run, the same glibc malloc settings: 'tuned' (``paddle_impl.MALLOC_ENV``: freed memory is kept for
+reuse rather than unmapped) or glibc's 'default'. ``--allocator both`` (what `make bench` runs) measures the
+steps under each, so every step item comes three ways:
+  step_time_<model>                  identical settings, tuned malloc on both sides
+  step_time_<model>_glibc_default    identical settings, glibc's defaults on both sides
+  step_time_<model>_best             each framework at its own best measured setting (the faster of the two
+                                     by median; ``setting`` says which), the ratio of those
+Every step item has ``median`` and ``min`` (and ``ratio`` = median ratio, ``ratio_min``) and the load average
+of the machine (1-minute, at start and end of the item): on a shared machine absolute times are noisy, the
+ratios of one alternating run much less so. ``machine`` records the CPU (vendor, model, ISA: AVX2, AVX-512,
+AMX), the settings paddle_impl chose and why, and the instruction-set variant our CPU kernels ran.
 
 Items (each reported as paddle, torch, ratio = paddle / torch, units):
   step_time_<model>    one complete MoCo v3 training step: both views through the base encoder and the
@@ -226,7 +234,11 @@ class Worker:
         self.rss_after_import = _maxrss()
 
     def op_info(self):
-        return machine_info(self.framework, self.device)
+        info = machine_info(self.framework, self.device)
+        if self.framework == 'paddle' and self.role == 'model':
+            from paddle_impl import cpu_kernels
+            info['kernel_isa'] = cpu_kernels.active_isa()
+        return info
 
     def op_build(self, model, size):
         self.step = STEPPERS[self.framework](model, SIZES[size], self.device)
@@ -436,6 +448,10 @@ def make_jpegs(folder, count, size, seed=0):
     return paths
 
 
+def _load():
+    return round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None
+
+
 def item(paddle_v, torch_v, units, **extra):
     ratio = paddle_v / torch_v if torch_v else None
     return {'paddle': paddle_v, 'torch': torch_v, 'ratio': ratio, 'units': units, **extra}
@@ -443,6 +459,7 @@ def item(paddle_v, torch_v, units, **extra):
 
 def measure_gemm(size, device, log, infos=None, env=None):
     n = size['gemm']
+    load0 = _load()
     with Pair(device, env=env) as w:
         if infos is not None:
             infos.update({fw: w[fw].call('info') for fw in FRAMEWORKS})
@@ -450,8 +467,11 @@ def measure_gemm(size, device, log, infos=None, env=None):
             x.call('gemm_setup', n=n)
         res = alternate(w, 'gemm', warmup=2, reps=size['gemm_reps'], settle=SETTLE_S / 3)
     t = {fw: _median([r['time'] for r in res[fw]]) for fw in res}
+    tmin = {fw: min(r['time'] for r in res[fw]) for fw in res}
     flop = 2 * n ** 3
-    out = item(flop / t['paddle'] / 1e9, flop / t['torch'] / 1e9, 'GFLOP/s', n=n)
+    out = item(flop / t['paddle'] / 1e9, flop / t['torch'] / 1e9, 'GFLOP/s', n=n, statistic='median',
+               max={fw: flop / tmin[fw] / 1e9 for fw in tmin}, ratio_max=tmin['torch'] / tmin['paddle'],
+               load_average=[load0, _load()])
     log(f'gemm {n}x{n}: paddle {out["paddle"]:.1f}, torch {out["torch"]:.1f} GFLOP/s')
     return out
 
@@ -459,6 +479,7 @@ def measure_gemm(size, device, log, infos=None, env=None):
 def measure_aug(size, log, env=None):
     import tempfile
     env = dict(env or os.environ, OMP_NUM_THREADS='1')  # one DataLoader worker
+    load0 = _load()
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(tmp, size['aug_images'], size['aug_size'])
         with Pair('cpu', role='aug', env=env) as w:
@@ -467,13 +488,15 @@ def measure_aug(size, log, env=None):
             res = alternate(w, 'aug', warmup=1, reps=size['aug_reps'], settle=0.05)
     t = {fw: _median([r['time'] for r in res[fw]]) for fw in res}
     out = item(len(paths) / t['paddle'], len(paths) / t['torch'], 'images/s', images=len(paths),
-               image_size=list(size['aug_size']), crop=size['aug_crop'], views=2, threads=1)
+               image_size=list(size['aug_size']), crop=size['aug_crop'], views=2, threads=1,
+               statistic='median', load_average=[load0, _load()])
     log(f'augmentation: paddle {out["paddle"]:.1f}, torch {out["torch"]:.1f} images/s')
     return out
 
 
 def measure_model(name, skey, device, log, env=None):
     size = SIZES[skey]
+    load0 = _load()
     with Pair(device, env=env) as w:
         for x in w.values():
             x.call('build', model=name, size=skey)
@@ -486,7 +509,7 @@ def measure_model(name, skey, device, log, env=None):
     out = {}
     step = item(t['paddle'], t['torch'], 's', optimizer=MODELS[name]['optimizer'], batch_per_view=size['batch'],
                 img_size=size['img_size'], reps=size['reps'], warmup=size['warmup'],
-                min=tmin, ratio_min=tmin['paddle'] / tmin['torch'],
+                median=t, min=tmin, ratio_min=tmin['paddle'] / tmin['torch'], load_average=[load0, _load()],
                 cpu_time=cpu, ratio_cpu_time=cpu['paddle'] / cpu['torch'] if cpu['torch'] else None,
                 times={fw: [r['time'] for r in res[fw]] for fw in FRAMEWORKS},
                 loss={fw: res[fw][-1]['loss'] for fw in FRAMEWORKS})
@@ -517,9 +540,10 @@ def machine_info(framework=None, device='cpu'):
     except OSError:
         pass
     info['cores'] = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    info['env'] = {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'OMP_WAIT_POLICY',
-                                                  'KMP_BLOCKTIME', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_',
-                                                  'MOCO_MALLOC_TUNE', 'MOCO_CPU_KERNELS')}
+    info['env'] = {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'MKL_ENABLE_INSTRUCTIONS',
+                                                  'OMP_WAIT_POLICY', 'KMP_BLOCKTIME', 'MALLOC_MMAP_MAX_',
+                                                  'MALLOC_TRIM_THRESHOLD_', 'MOCO_MALLOC_TUNE', 'MOCO_CPU_KERNELS',
+                                                  'MOCO_CPU_ISA')}
     info['python'] = platform.python_version()
     info['platform'] = platform.platform()
     versions = {}
@@ -557,6 +581,24 @@ def allocator_env(env, mode):
     return env
 
 
+def best_of(items):
+    """Each framework at its own best measured setting: per framework the item (setting) with the lowest median
+    step time; the ratio of those medians (and of the minima of the same settings)."""
+    pick = {fw: min(items, key=lambda r: r['median'][fw]) for fw in FRAMEWORKS}
+    med = {fw: pick[fw]['median'][fw] for fw in FRAMEWORKS}
+    mn = {fw: pick[fw]['min'][fw] for fw in FRAMEWORKS}
+    setting = {fw: f'allocator={pick[fw]["allocator"]}' for fw in FRAMEWORKS}
+    return item(med['paddle'], med['torch'], 's', setting=setting, median=med, min=mn,
+                ratio_min=mn['paddle'] / mn['torch'],
+                load_average=[min(r['load_average'][0] for r in items), max(r['load_average'][1] for r in items)])
+
+
+def machine_facts():
+    """The CPU and the settings paddle_impl chose for this process tree (paddle_impl/machine.py)."""
+    from paddle_impl import machine as m
+    return m.as_json(m.apply())
+
+
 def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print, allocator='tuned'):
     skey = 'quick' if quick else device
     size = SIZES[skey]
@@ -572,42 +614,59 @@ def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print
     machine = {k: v for k, v in infos['torch'].items() if k not in ('versions', 'ok')}
     machine['versions'] = {**infos['paddle']['versions'], **infos['torch']['versions']}
     machine['paddle_flags'] = infos['paddle'].get('paddle_flags')
+    machine['kernel_isa'] = infos['paddle'].get('kernel_isa')
+    machine['cpu_facts'] = machine_facts()
     machine['settings'] = dict(size, size_name=skey, settle_s=SETTLE_S, crop_min=CROP_MIN, momentum=MOMENTUM)
     log(f'machine: {machine["cpu"]}, {machine["cores"]} cores, env {machine["env"]}')
     results['aug_throughput'] = measure_aug(size, log, env)
     for name in models:
         results.update(measure_model(name, skey, device, log, env))
     machine['allocator'] = 'default' if allocator == 'default' else 'tuned'
+    for name in models:
+        results[f'step_time_{name}']['allocator'] = machine['allocator']
     if allocator == 'both':  # the same steps again with glibc's default malloc settings on both sides
         for name in models:
             res = measure_model(name, skey, device, log, allocator_env(base_env, 'default'))
             results[f'step_time_{name}_glibc_default'] = dict(res[f'step_time_{name}'], allocator='default')
+            results[f'step_time_{name}_best'] = best_of(
+                [results[f'step_time_{name}'], results[f'step_time_{name}_glibc_default']])
+            log(f'{name}: each at its best setting: ratio {results[f"step_time_{name}_best"]["ratio"]:.3f} '
+                f'({results[f"step_time_{name}_best"]["setting"]})')
     machine['load_average'] = {'start': load_before,
                                'end': os.getloadavg() if hasattr(os, 'getloadavg') else None}
     results['machine'] = machine
     return results
 
 
-ORDER = ['step_time_vit_small', 'step_time_resnet50', 'step_time_vit_small_glibc_default',
-         'step_time_resnet50_glibc_default', 'peak_memory_vit_small', 'peak_memory_resnet50',
+ORDER = ['step_time_vit_small_best', 'step_time_resnet50_best', 'step_time_vit_small', 'step_time_resnet50',
+         'step_time_vit_small_glibc_default', 'step_time_resnet50_glibc_default', 'peak_memory_vit_small',
+         'peak_memory_resnet50',
          'aug_throughput', 'gflops_vit_small', 'gflops_resnet50', 'gemm_peak']
 
 
 def format_table(results):
-    rows = [('item', 'paddle', 'torch', 'paddle/torch', 'units')]
+    rows = [('item', 'paddle', 'torch', 'paddle/torch', 'ratio of min', 'units', 'load avg')]
     for k in ORDER:
         if k in results:
             r = results[k]
             ratio = '-' if r['ratio'] is None else f'{r["ratio"]:.3f}'
-            rows.append((k, f'{r["paddle"]:.4g}', f'{r["torch"]:.4g}', ratio, r['units']))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            rmin = r.get('ratio_min', r.get('ratio_max'))
+            load = r.get('load_average')
+            rows.append((k, f'{r["paddle"]:.4g}', f'{r["torch"]:.4g}', ratio, '-' if rmin is None else f'{rmin:.3f}',
+                         r['units'], '-' if not load else '-'.join(f'{v:.1f}' for v in load if v is not None)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ['  '.join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, '  '.join('-' * wd for wd in widths))
     m = results.get('machine', {})
     if m:
         v = m.get('versions', {})
-        lines.append(f'machine: {m.get("cpu")}, {m.get("cores")} cores, OMP_NUM_THREADS={m["env"].get("OMP_NUM_THREADS")}'
-                     f', paddle {v.get("paddlepaddle")}, torch {v.get("torch")}, device {m.get("device")}')
+        facts = m.get('cpu_facts') or {}
+        lines.append(f'machine: {m.get("cpu")}, {m.get("cores")} cores, ISA {"+".join(facts.get("isa", [])) or "?"}, '
+                     f'OMP_NUM_THREADS={m["env"].get("OMP_NUM_THREADS")}, '
+                     f'MKL_DEBUG_CPU_TYPE={m["env"].get("MKL_DEBUG_CPU_TYPE")}, our kernels {m.get("kernel_isa")}, '
+                     f'paddle {v.get("paddlepaddle")}, torch {v.get("torch")}, device {m.get("device")}')
+        lines.append('ratio = paddle/torch of the medians (GEMM, aug, GFLOP/s: rates, higher is better); '
+                     '*_best: each framework at its own best setting; others: identical settings')
     return '\n'.join(lines)
 
 

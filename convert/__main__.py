@@ -1,4 +1,5 @@
-"""python -m convert {torch2paddle, paddle2torch, extract, inspect} ... (see convert/checkpoints.py)."""
+"""python -m convert {torch2paddle, paddle2torch, extract, inspect, export} ... (see convert/checkpoints.py and
+convert/export.py)."""
 import argparse
 import os
 import sys
@@ -42,6 +43,20 @@ def _parser():
     common(ex, kinds=('deit', 'backbone'))
     ins = sub.add_parser('inspect', help='say what a checkpoint is, without converting it')
     ins.add_argument('input')
+    exp = sub.add_parser('export', help='a model for inference: Paddle Inference (paddle.jit.save) and/or ONNX')
+    exp.add_argument('--input', required=True, help='main_moco / main_lincls / main_finetune checkpoint, a '
+                                                     'converted file or an official PyTorch file')
+    exp.add_argument('--output', required=True, help='file prefix: writes PREFIX.json + PREFIX.pdiparams '
+                                                      '(paddle) and/or PREFIX.onnx (onnx)')
+    exp.add_argument('--kind', default='auto', choices=('auto', 'backbone', 'linear'),
+                     help='backbone (features) or linear (the classifier; needs a classifier file); '
+                          'default: linear for a classifier file, else backbone')
+    exp.add_argument('--format', default='paddle', choices=('paddle', 'onnx', 'both'))
+    exp.add_argument('--img-size', default='auto', type=_img_size,
+                     help="input size (default: the checkpoint's; a ViT's must be its pos_embed's)")
+    exp.add_argument('--verify', action='store_true',
+                     help='run the written files (Paddle Inference predictor, onnxruntime) and the torch_ref '
+                          'model on one batch against the eager Paddle model; fail past 1e-5 (1e-4 ONNX)')
     return p
 
 
@@ -72,6 +87,9 @@ def main(argv=None):
             ck = C.read_checkpoint(args.input)
             log(f"'{args.input}': {ck.describe()}; {len(ck.state_dict)} tensors"
                 + (f'; optimizer: {ck.optimizer_note}' if ck.optimizer_note else ''))
+        elif args.cmd == 'export':
+            from .export import export
+            export(args.input, args.output, args.kind, args.format, args.img_size, args.verify, log=log)
         elif args.cmd == 'extract':
             C.extract(args.input, args.output, args.kind, args.arch, args.img_size, log=log)
         else:

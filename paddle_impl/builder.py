@@ -51,7 +51,9 @@ class MoCo(nn.Layer):
     def _update_momentum_encoder(self, m):
         """Momentum update of the momentum encoder"""
         for param_b, param_m in zip(model_parameters(self.base_encoder), model_parameters(self.momentum_encoder)):
-            if cpu_kernels.usable(param_m, param_b):  # param_m * m + param_b * (1 - m), in place
+            if param_b.stop_gradient:  # frozen (pos_embed, float32 as in the original): the official op sequence
+                param_m.set_value(param_m * m + param_b * (1. - m))  # bit-equal to torch's, in float32 too
+            elif cpu_kernels.usable(param_m, param_b):  # param_m * m + param_b * (1 - m), in place
                 cpu_kernels.run_inplace(cpu_kernels.get().moco_ema_, param_m, param_b, float(m))
             else:
                 # the same as param_m + (1 - m) * (param_b - param_m), in place: 10x faster than building

@@ -8,6 +8,11 @@ and cached under ``$MOCO_KERNEL_CACHE`` (default ``~/.cache/moco_v3_paddle``), i
 of the source, the compiler flags and Paddle's version; concurrent processes (distributed launch) wait on a
 file lock while one of them builds.
 
+The kernels are compiled in three variants (AVX-512, AVX2/FMA, baseline x86-64) into one library built for
+baseline x86-64, and the widest variant the CPU supports runs (checked by the CPU's own feature bits, in
+C++); ``MOCO_CPU_ISA=avx2|generic`` forces a narrower one (e.g. to mimic an AVX2 machine); ``set_isa``
+switches at run time (tests run every variant).
+
 ``MOCO_CPU_KERNELS=0`` turns them off; where the build fails (no compiler, say), one warning line is
 printed and Paddle's own ops are used, with the same results up to rounding. Float64 parity runs through
 these kernels whenever they are on.
@@ -19,34 +24,22 @@ import sys
 import warnings
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_kernels.cc')
-_state = {'module': None, 'tried': False, 'error': None}
+_SOURCES = (_SRC, os.path.join(os.path.dirname(_SRC), 'kernels_impl.h'))
+_state = {'module': None, 'tried': False, 'error': None, 'isa': None, 'supported': None}
 
 
 def enabled_by_env():
     return os.environ.get('MOCO_CPU_KERNELS', '1').strip().lower() not in ('0', 'false', 'no', 'off')
 
 
-def _cpu_flags():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('flags'):
-                    return set(line.split(':', 1)[1].split())
-    except OSError:
-        pass
-    return set()
+# the variants compiled into the library (csrc/cpu_kernels.cc), narrowest first; the index is the level
+ISAS = ('generic', 'avx2', 'avx512')
 
 
 def compile_flags():
-    """-O3 with OpenMP; AVX2/FMA code only where this CPU has them (the cache folder name includes the
-    flags, so a home folder shared by different machines keeps one build per instruction set)."""
-    flags = ['-O3', '-fopenmp', '-fno-trapping-math']
-    cpu = _cpu_flags()
-    if {'avx2', 'fma'} <= cpu:
-        flags += ['-mavx2', '-mfma']
-    elif 'sse4_1' in cpu:
-        flags += ['-msse4.1']
-    return flags
+    """-O3 with OpenMP, for baseline x86-64: the wider variants are compiled by target pragmas inside the file
+    and chosen at run time, so the library runs on any x86-64 CPU (a cache folder shared by machines is safe)."""
+    return ['-O3', '-fopenmp', '-fno-trapping-math']
 
 
 def cache_root():
@@ -54,13 +47,18 @@ def cache_root():
 
 
 def _build_name(flags):
+    """A folder per (sources, flags, Paddle version, architecture, compiled ISA variants)."""
+    import platform
+
     import paddle
     h = hashlib.sha256()
-    with open(_SRC, 'rb') as f:
-        h.update(f.read())
+    for src in _SOURCES:
+        with open(src, 'rb') as f:
+            h.update(f.read())
     h.update(' '.join(flags).encode())
     h.update(paddle.__version__.encode())
-    return 'moco_cpu_kernels_' + h.hexdigest()[:12]
+    h.update(platform.machine().encode())
+    return f'moco_cpu_kernels_{platform.machine()}_{"-".join(ISAS)}_{h.hexdigest()[:12]}'
 
 
 @contextlib.contextmanager
@@ -123,12 +121,53 @@ def get():
         first = str(e).splitlines()[0][:400] if str(e) else type(e).__name__
         print(f'moco-v3 paddle: CPU kernels not built ({first}); using Paddle\'s own CPU ops '
               f'(same results, slower; MOCO_CPU_KERNELS=0 hides this)', file=sys.stderr)
+        return None
+    _select_isa_from_env()
     return _state['module']
+
+
+def _select_isa_from_env():
+    want = os.environ.get('MOCO_CPU_ISA', '').strip().lower()
+    if want and want not in ISAS:
+        print(f"moco-v3 paddle: MOCO_CPU_ISA={want!r} is not one of {', '.join(ISAS)}; using the widest this CPU "
+              f"supports", file=sys.stderr)
+        want = ''
+    got = set_isa(want or None)
+    if want and got != want:
+        print(f'moco-v3 paddle: MOCO_CPU_ISA={want}: this CPU supports at most {got}; using {got}', file=sys.stderr)
+
+
+def set_isa(name=None):
+    """Run our kernels' variant ``name`` ('generic', 'avx2', 'avx512'; None: the widest supported) from now on
+    in this process; a variant wider than the CPU supports is never selected (the widest supported is).
+    Returns the variant now active."""
+    import paddle
+    mod = _state['module']
+    if mod is None:
+        raise RuntimeError('our CPU kernels are not built')
+    level = -1 if name is None else ISAS.index(name)
+    active, supported = (int(v) for v in mod.moco_set_isa(paddle.zeros([1]), level).numpy())
+    _state['isa'], _state['supported'] = ISAS[active], ISAS[supported]
+    return ISAS[active]
+
+
+def active_isa():
+    """The variant our kernels run (None when they are not built)."""
+    return _state['isa'] if get() is not None else None
+
+
+def supported_isas():
+    """The compiled variants this CPU can run, narrowest first ([] when the kernels are not built)."""
+    if get() is None:
+        return []
+    return list(ISAS[:ISAS.index(_state['supported']) + 1])
 
 
 def usable(*tensors):
     """True where our kernels apply: kernels built, every tensor on the CPU in float32/float64."""
     import paddle
+    if not paddle.in_dynamic_mode():  # a traced program (paddle.jit.save) keeps Paddle's own ops
+        return False
     for t in tensors:
         if t is None or not t.place.is_cpu_place() or t.dtype not in (paddle.float32, paddle.float64):
             return False

@@ -6,8 +6,10 @@ variance on both. These subclasses keep Paddle's fused kernel and redo the runni
 after it, as torch does (see _UnbiasedVarMixin).
 
 CPU fast paths (FastLinear, GELU, transpose): the same numbers through faster Paddle kernels; see below.
+``MOCO_FAST_LAYERS=0`` turns them off (Paddle's own ops, as a GPU runs them).
 """
 import math
+import os
 
 import numpy as np
 import paddle
@@ -23,10 +25,94 @@ def torch_momentum(m):
     return 1.0 - m
 
 
+def reduce_count(x):
+    """Elements per channel that BN's batch statistics are taken over (N * spatial), from the static
+    shape: ``x.numel()`` is a tensor on the device, and ``int()`` of it makes the CPU wait for the GPU
+    (Paddle issue #51502) in every BN call. An unknown (-1) dimension, only met while a static graph is
+    being traced, falls back to numel."""
+    dims = [int(d) for d in x.shape]
+    if any(d < 0 for d in dims):
+        return int(x.numel()) // dims[1]
+    n = dims[0]
+    for d in dims[2:]:
+        n *= d
+    return n
+
+
+def _bn_kernel(x, running_mean, running_var, weight, bias, momentum, epsilon, data_format):
+    """Paddle's fused BN in training mode (what nn.BatchNorm*D.forward runs): normalises ``x`` with its batch
+    statistics and updates ``running_mean``/``running_var`` in place, with ``momentum`` the weight of the old
+    value. The one place our layers call the kernel (the probe below asks the same function)."""
+    return F.batch_norm(x, running_mean, running_var, weight=weight, bias=bias, training=True, momentum=momentum,
+                        epsilon=epsilon, data_format=data_format, use_global_stats=False)
+
+
+_KERNEL_STORES_UNBIASED = {}
+
+
+def kernel_stores_unbiased(x, stat_dtype, data_format='NCHW', kernel=None, world=1):
+    """Does Paddle's BN kernel, for an input like ``x`` (place, dtype, shape, layout) and running statistics
+    of ``stat_dtype``, update the running variance with the UNBIASED batch variance (divide by n - 1)?
+
+    Decided once per such key by a probe: one kernel call on a batch of x's shape whose every channel holds
+    +1 and -1 once and zeros elsewhere (mean 0, biased variance 2/n, unbiased 2/(n-1)), running statistics
+    starting at 0 with momentum 0.5, so that the stored variance is half the batch variance the kernel used.
+    Why per shape and not only per device: Paddle's CPU kernel stores the biased variance; on CUDA it calls
+    cuDNN (which stores the unbiased one) for most shapes but its own kernels (biased) for 2-D inputs with
+    N >= 131070 and for 3-D inputs past a size threshold (phi/kernels/gpu/batch_norm_kernel.cu).
+    ``kernel``: another BN kernel of _bn_kernel's signature (the synchronised one, utils.SyncBatchNormMixin),
+    run on all ``world`` processes at once (each holds the same probe: global n = world * n)."""
+    shape = [int(d) for d in x.shape]
+    key = (str(x.place), str(x.dtype), str(stat_dtype), tuple(shape), data_format, kernel, world)
+    if key in _KERNEL_STORES_UNBIASED:
+        return _KERNEL_STORES_UNBIASED[key]
+    ch_axis = 1 if data_format.startswith('NC') else len(shape) - 1
+    c = shape[ch_axis]
+    n = reduce_count(x)
+    if n < 2:
+        raise ValueError(f'BatchNorm in training mode needs more than one value per channel, got input {shape}')
+    pattern = np.zeros(n, dtype=np.float32)
+    pattern[0], pattern[1] = 1.0, -1.0
+    one_ch = shape[:ch_axis] + [1] + shape[ch_axis + 1:]
+    with paddle.no_grad():
+        xp = paddle.expand(paddle.to_tensor(pattern.reshape(one_ch), place=x.place).astype(x.dtype), shape)
+        rm, rv, b = (paddle.to_tensor(np.zeros(c), dtype=stat_dtype, place=x.place) for _ in range(3))
+        w = paddle.to_tensor(np.ones(c), dtype=stat_dtype, place=x.place)
+        (kernel or _bn_kernel)(xp, rm, rv, w, b, 0.5, 1e-5, data_format)
+        stored = 2.0 * float(rv.astype('float64').mean())
+    biased, unbiased = 2.0 / n, 2.0 * world / (n * world - 1)
+    if not math.isfinite(stored) or abs(stored - biased) > 0.25 * biased:
+        if abs(stored - unbiased) > 0.25 * unbiased:
+            raise RuntimeError(f'BatchNorm probe: the kernel on {x.place} ({x.dtype}, input {shape}) stored a '
+                               f'batch variance of {stored:.6g} for a batch whose variance is {biased:.6g} '
+                               f'(biased) / {unbiased:.6g} (unbiased): cannot restore torch\'s running variance')
+    answer = abs(stored - unbiased) < abs(stored - biased)
+    _KERNEL_STORES_UNBIASED[key] = answer
+    return answer
+
+
+def restore_torch_running_stats(bn, old_mean, old_var, n, unbiased_stored):
+    """After a kernel updated ``bn``'s running statistics from ``old_mean``/``old_var`` with the batch statistics
+    of ``n`` values per channel, redo the update as torch does: batch mean and variance are recovered exactly
+    from the kernel's result (with the float32 momentum the kernel used), the variance made unbiased where the
+    kernel stored the biased one, and running = (1 - mom) * running + mom * batch with torch's momentum, in
+    the statistics' own precision. No device sync: tensor arithmetic only."""
+    with paddle.no_grad():
+        m32 = float(np.float32(bn._momentum))  # what the kernel used
+        batch_mean = (bn._mean - m32 * old_mean) / (1.0 - m32)
+        batch_var = (bn._variance - m32 * old_var) / (1.0 - m32)
+        if not unbiased_stored:
+            batch_var = batch_var * (n / (n - 1))
+        mom = bn._torch_momentum
+        bn._mean.set_value((1.0 - mom) * old_mean + mom * batch_mean)
+        bn._variance.set_value((1.0 - mom) * old_var + mom * batch_var)
+
+
 class _UnbiasedVarMixin:
     """Runs Paddle's fused BN kernel, then rewrites the running statistics as torch computes them.
 
-    Two differences are put right: the unbiased variance (above), and precision: the kernel applies the
+    Two differences are put right: the unbiased variance (above; whether the kernel already stored it is
+    asked of the kernel itself, see kernel_stores_unbiased), and precision: the kernel applies the
     momentum as a float32 attribute (0.9 -> 0.89999998), a 2e-7 relative error on the running statistics
     that float64 parity sees. From the kernel's result and the old values, the batch mean and biased
     variance are recovered exactly and the update is redone in the tensor's own precision:
@@ -34,26 +120,20 @@ class _UnbiasedVarMixin:
     """
 
     def _reduce_count(self, x):
-        # elements per channel that the batch statistics were taken over
-        return int(x.numel()) // int(x.shape[1])
+        return reduce_count(x)
 
     def forward(self, x):
         if x.dtype == paddle.float64:
             return self._forward_float64(x)
         if not self.training or self._use_global_stats:
             return super().forward(x)
-        old_mean, old_var = self._mean.clone(), self._variance.clone()
-        y = super().forward(x)
+        self._check_input_dim(x)
         n = self._reduce_count(x)
-        with paddle.no_grad():
-            m32 = float(np.float32(self._momentum))  # what the kernel used
-            batch_mean = (self._mean - m32 * old_mean) / (1.0 - m32)
-            batch_var = (self._variance - m32 * old_var) / (1.0 - m32)
-            if n > 1:
-                batch_var = batch_var * (n / (n - 1))
-            mom = self._torch_momentum
-            self._mean.set_value((1.0 - mom) * old_mean + mom * batch_mean)
-            self._variance.set_value((1.0 - mom) * old_var + mom * batch_var)
+        unbiased_stored = kernel_stores_unbiased(x, self._variance.dtype, self._data_format)
+        old_mean, old_var = self._mean.clone(), self._variance.clone()
+        y = _bn_kernel(x, self._mean, self._variance, self.weight, self.bias, self._momentum, self._epsilon,
+                       self._data_format)
+        restore_torch_running_stats(self, old_mean, old_var, n, unbiased_stored)
         return y
 
     def _forward_float64(self, x):
@@ -241,8 +321,27 @@ _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _LOG_INV_SQRT_2PI = -0.5 * math.log(2.0 * math.pi)
 
 
-def _fast_cpu(x):
-    return x.place.is_cpu_place() and x.dtype in (paddle.float32, paddle.float64)
+_FAST_LAYERS = {'on': None}  # None: read MOCO_FAST_LAYERS at the first call
+
+
+def fast_layers_enabled():
+    """The CPU fast paths of this section are on unless ``MOCO_FAST_LAYERS=0`` (or set_fast_layers(False)):
+    off, every layer runs Paddle's own ops, as on a GPU (with MOCO_CPU_KERNELS=0 also: `python -m parity
+    --paddle-ops`)."""
+    if _FAST_LAYERS['on'] is None:
+        _FAST_LAYERS['on'] = os.environ.get('MOCO_FAST_LAYERS', '1').strip().lower() not in ('0', 'false', 'no', 'off')
+    return _FAST_LAYERS['on']
+
+
+def set_fast_layers(on):
+    """Turn the CPU fast paths on/off in this process (None: back to MOCO_FAST_LAYERS); returns the old value."""
+    old = _FAST_LAYERS['on']
+    _FAST_LAYERS['on'] = None if on is None else bool(on)
+    return old
+
+
+def _fast_cpu(x):  # eager only: a traced program (paddle.jit.save) keeps Paddle's own ops
+    return paddle.in_dynamic_mode() and x.place.is_cpu_place() and x.dtype in (paddle.float32, paddle.float64) and fast_layers_enabled()
 
 
 def _needs_grad(*tensors):
@@ -361,7 +460,7 @@ class _DenseTranspose(PyLayer):
 def transpose(x, perm):
     """paddle.transpose, materialised contiguously on CPU (forward and backward), where the lazy
     (strided-view) transpose would later be copied by Paddle's slow strided-copy kernel."""
-    if not x.place.is_cpu_place():
+    if not paddle.in_dynamic_mode() or not x.place.is_cpu_place() or not fast_layers_enabled():
         return paddle.transpose(x, perm)
     perm = [int(p) for p in perm]
     if _needs_grad(x):

@@ -16,6 +16,9 @@ import paddle.distributed as dist
 import paddle.nn as nn
 from paddle.autograd import PyLayer
 
+from . import layers
+from .layers import reduce_count
+
 __all__ = ['LOGGER_NAME', 'setup_logging', 'AverageMeter', 'ProgressMeter', 'format_duration', 'MetricsWriter',
            'read_metrics', 'plot_curves', 'world_size', 'rank', 'is_main_process', 'init_distributed',
            'all_reduce_mean', 'all_reduce_sum', 'SyncBatchNormMixin', 'convert_sync_batchnorm',
@@ -264,6 +267,10 @@ class SyncBatchNormMixin:
     Eval mode, ``use_global_stats``, and a single process use the wrapped class's own forward.
     The collectives run on their own process group (``_sync_group``), so they never interleave with
     DataParallel's gradient all-reduces on the default group.
+
+    On a GPU this formula is NOT used (use_sync_kernel): it costs ~9 passes over the activation forward and
+    keeps float32 copies for autograd, where Paddle's fused sync_batch_norm kernel makes 2 passes forward
+    and has a fused backward; see _forward_sync_kernel and docs/gpu.md.
     """
 
     _sync_group = None
@@ -271,6 +278,8 @@ class SyncBatchNormMixin:
     def forward(self, x):
         if not self.training or self._use_global_stats or world_size() <= 1:
             return super().forward(x)
+        if use_sync_kernel(x):
+            return self._forward_sync_kernel(x)
         if self._data_format not in ('NC', 'NCL', 'NCHW', 'NCDHW'):
             raise ValueError(f'{type(self).__name__}: data format {self._data_format} is not supported when '
                              f'synchronised (channels must be axis 1)')
@@ -278,7 +287,7 @@ class SyncBatchNormMixin:
         c = xf.shape[1]
         axes = [0] + list(range(2, xf.ndim))
         shape = [1, c] + [1] * (xf.ndim - 2)
-        n_local = int(xf.numel()) // c
+        n_local = reduce_count(xf)  # the static shape: int(numel()) would wait for the GPU
         count = paddle.full([1], float(n_local), dtype=xf.dtype)
         tot = all_reduce_sum(paddle.concat([xf.sum(axis=axes), count]), self._sync_group)
         n_total = tot[c:]
@@ -300,6 +309,45 @@ class SyncBatchNormMixin:
         return y if y.dtype == x.dtype else y.astype(x.dtype)
 
 
+    def _forward_sync_kernel(self, x):
+        """On GPU: Paddle's sync_batch_norm kernel (one statistics pass, one NCCL all-reduce of 2C+1 values on
+        the default communicator, one normalise pass; its own fused backward), then torch's running-statistics
+        rule restored as for the single-process BN (layers.restore_torch_running_stats). Whether the kernel
+        stores the biased variance of the global batch (Paddle 3.3's does: KeSyncAndMovingStats) is asked by
+        a probe on every process at once, the first time each input shape is seen."""
+        world = world_size()
+        c = int(x.shape[1 if self._data_format.startswith('NC') else -1])
+        weight, bias = self.weight, self.bias
+        if weight is None or bias is None:  # BN1d(affine=False): the kernel wants a scale and a shift
+            dt = self._mean.dtype
+            weight = paddle.ones([c], dtype=dt) if weight is None else weight
+            bias = paddle.zeros([c], dtype=dt) if bias is None else bias
+        unbiased = layers.kernel_stores_unbiased(x, self._variance.dtype, self._data_format,
+                                                 kernel=_sync_bn_kernel, world=world)
+        old_mean, old_var = self._mean.clone(), self._variance.clone()
+        y = _sync_bn_kernel(x, self._mean, self._variance, weight, bias, self._momentum, self._epsilon,
+                            self._data_format)
+        layers.restore_torch_running_stats(self, old_mean, old_var, reduce_count(x) * world, unbiased)
+        return y
+
+
+def _sync_bn_kernel(x, running_mean, running_var, weight, bias, momentum, epsilon, data_format):
+    """Paddle's synchronised BN kernel in training mode (GPU only: no CPU kernel is registered); the
+    running statistics are updated in place, ``momentum`` the weight of the old value."""
+    return paddle._C_ops.sync_batch_norm_(x, running_mean, running_var, weight, bias, False, momentum, epsilon,
+                                          data_format, False, False)[0]
+
+
+def use_sync_kernel(x=None):
+    """Whether the synchronised BN runs Paddle's sync_batch_norm kernel (GPU) rather than our all-reduce
+    formula (CPU, where Paddle has no such kernel). ``MOCO_SYNC_BN=ours`` forces ours everywhere."""
+    if os.environ.get('MOCO_SYNC_BN', 'auto').strip().lower() == 'ours':
+        return False
+    if x is not None:
+        return x.place.is_gpu_place()
+    return paddle.device.is_compiled_with_cuda() and paddle.get_device().startswith('gpu')
+
+
 _SYNC_CLASSES = {}
 
 
@@ -316,8 +364,9 @@ def convert_sync_batchnorm(layer, group=None):
 
     Paddle's own ``nn.SyncBatchNorm.convert_sync_batchnorm`` is not used: it has no CPU kernel, and it
     would replace our torch-semantics BatchNorm (layers.BatchNorm1D/2D: unbiased running variance) by
-    Paddle's plain one."""
-    if group is None and world_size() > 1:
+    Paddle's plain one. On GPU the converted layers still run Paddle's sync_batch_norm kernel
+    (SyncBatchNormMixin._forward_sync_kernel), with torch's running-variance rule restored."""
+    if group is None and world_size() > 1 and not use_sync_kernel():  # the GPU kernel uses the default comm
         group = dist.new_group(list(range(world_size())))
     count = 0
     for sub in [layer] + list(layer.sublayers()):
@@ -395,12 +444,27 @@ def load_optimizer_state(optimizer, model, state):
 
 # -------------------------------------------------------------------------------------------------- RNG
 
+def _gpu_generators():
+    """Paddle's per-GPU default generators when this process runs on a GPU, else [] (one per visible GPU:
+    the list's length changes when a run resumes with a different number of visible GPUs)."""
+    if not (paddle.device.is_compiled_with_cuda() and paddle.get_device().startswith('gpu')):
+        return []
+    core = paddle.base.core
+    return [core.default_cuda_generator(i) for i in range(core.get_cuda_device_count())]
+
+
 def rng_state():
-    """Python's, numpy's and Paddle's (CPU, and the current GPU's if any) generator states as plain data."""
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(),
+    """Python's, numpy's and Paddle's (CPU, and every visible GPU's if on a GPU) generator states as plain
+    data: containers, ints, floats and strings only (numpy's MT19937 key as a list of ints, not its uint32
+    array, so that plain ``paddle.load`` reads a checkpoint holding it: Paddle turns every numpy array it
+    finds into a tensor and has no uint32 tensor)."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {'python': random.getstate(),
+             'numpy': [str(name), [int(v) for v in key], int(pos), int(has_gauss), float(cached)],
              'paddle_cpu': [g.__getstate__() for g in paddle.get_rng_state('cpu')]}
-    if paddle.device.is_compiled_with_cuda() and paddle.get_device().startswith('gpu'):
-        state['paddle_gpu'] = [g.__getstate__() for g in paddle.get_rng_state()]
+    gens = _gpu_generators()
+    if gens:
+        state['paddle_gpu'] = [g.get_state().__getstate__() for g in gens]
     return state
 
 
@@ -413,15 +477,38 @@ def _generator_states(plain):
     return out
 
 
+def _numpy_state(v):
+    """np.random.set_state's tuple from what rng_state stored: a list holding the key as ints, or (files
+    written before) the tuple/list numpy returned, with its uint32 array (or a tensor of it)."""
+    key = v[1].numpy() if hasattr(v[1], 'numpy') else v[1]
+    return (str(v[0]), np.asarray(key, dtype=np.int64).astype(np.uint32), int(v[2]), int(v[3]), float(v[4]))
+
+
+def _restore_gpu_states(saved, gens, log=None):
+    """Restore the saved per-GPU states into ``gens`` (this process's per-GPU generators) pairwise; where
+    the counts differ (a run resumed with another number of visible GPUs) the generators beyond the
+    shorter list keep their current state, and one warning line says so. Returns how many were restored."""
+    n = min(len(saved), len(gens))
+    for g, s in zip(gens[:n], _generator_states(saved[:n])):
+        g.set_state(s)
+    if len(saved) != len(gens):
+        rest = (f'the states of GPUs {n}..{len(saved) - 1} are not used' if len(saved) > len(gens)
+                else f'GPUs {n}..{len(gens) - 1} keep their fresh seeds')
+        (log or logging.getLogger(LOGGER_NAME)).warning(
+            f'RNG state: the checkpoint holds {len(saved)} GPU generator states, this process sees '
+            f'{len(gens)} GPUs: restored {n}; {rest} (random draws differ from an uninterrupted run)')
+    return n
+
+
 def set_rng_state(state):
-    """Undo ``rng_state``: restore every generator it holds."""
+    """Undo ``rng_state``: restore every generator it holds (GPU states: as many as both sides have, see
+    _restore_gpu_states)."""
     if 'python' in state:
         v = state['python']
         random.setstate((v[0], tuple(v[1]), v[2]))
     if 'numpy' in state:
-        np.random.set_state(tuple(state['numpy']))
+        np.random.set_state(_numpy_state(state['numpy']))
     if 'paddle_cpu' in state:
         paddle.set_rng_state(_generator_states(state['paddle_cpu']), 'cpu')
-    if 'paddle_gpu' in state and paddle.device.is_compiled_with_cuda() and paddle.get_device().startswith('gpu'):
-        paddle.set_rng_state(_generator_states(state['paddle_gpu']))
-
+    if 'paddle_gpu' in state:
+        _restore_gpu_states(state['paddle_gpu'], _gpu_generators())

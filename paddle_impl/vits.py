@@ -187,7 +187,9 @@ class VisionTransformerMoCo(nn.Layer):
         self.cls_token = self.create_parameter([1, 1, embed_dim], default_initializer=nn.initializer.Constant(0.))
         h, w = self.patch_embed.grid_size
         pe = build_2d_sincos_position_embedding(h, w, embed_dim)
-        self.pos_embed = self.create_parameter(pe.shape, dtype=paddle.get_default_dtype(),
+        # float32 in every dtype mode, as the official vits.py builds it (explicit float32 even under a float64
+        # default dtype; its momentum update then rounds this tensor in float32): dtype fidelity to the original
+        self.pos_embed = self.create_parameter(pe.shape, dtype='float32',
                                                default_initializer=nn.initializer.Assign(pe.numpy()))
         self.pos_embed.stop_gradient = True  # fixed, not trained
         dpr = [float(x) for x in paddle.linspace(0, drop_path_rate, depth).numpy()] if depth > 1 else [drop_path_rate]
@@ -218,7 +220,8 @@ class VisionTransformerMoCo(nn.Layer):
     def forward_features(self, x):
         x = self.patch_embed(x)
         cls = self.cls_token.expand([x.shape[0], -1, -1])
-        x = paddle.concat([cls, x], axis=1) + self.pos_embed
+        pe = self.pos_embed if self.pos_embed.dtype == x.dtype else self.pos_embed.astype(x.dtype)  # torch promotes
+        x = paddle.concat([cls, x], axis=1) + pe
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)

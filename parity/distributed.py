@@ -223,8 +223,13 @@ class _TorchSide:
     def build(self, c, img_size, weights):
         from torch_ref import models as tm
         torch = self.torch
-        model = tm.build_moco(c['arch'], c['dim'], c['mlp_dim'], c['T'], img_size=img_size,
-                              stop_grad_conv1=c['stop_grad_conv1'], **c['vit_kwargs']).double()
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)  # built in float64 as the original is: its pos_embed stays float32
+        try:
+            model = tm.build_moco(c['arch'], c['dim'], c['mlp_dim'], c['T'], img_size=img_size,
+                                  stop_grad_conv1=c['stop_grad_conv1'], **c['vit_kwargs'])
+        finally:
+            torch.set_default_dtype(old)
         model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
         model.train()
         return model

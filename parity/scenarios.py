@@ -18,7 +18,7 @@ from paddle_impl import vits as pvits
 from torch_ref import models as tm
 from torch_ref import vits as tvits
 
-from .compare import ATOL, TOL, Row, compare, flag
+from .compare import ATOL, TOL, Row, compare, flag, nonfinite
 
 ARCHS = tm.ARCHS
 
@@ -33,17 +33,40 @@ def paddle_dtype(dtype):
         paddle.set_default_dtype(old)
 
 
+@contextlib.contextmanager
+def torch_dtype(dtype):
+    """torch's default dtype for building a model: float64 builds what the original builds under a float64
+    default (every tensor float64 except those it creates with an explicit dtype: the ViT's float32 pos_embed)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 def build_pair(arch, dtype='float64', img_size=32, dim=256, mlp_dim=1024, T=0.2, seed=0, stop_grad_conv1=False,
                **vit_kwargs):
-    """torch_ref MoCo (seeded) and a paddle_impl twin holding the same weights, both in ``dtype``."""
+    """torch_ref MoCo (seeded) and a paddle_impl twin holding the same weights, both in ``dtype``.
+    Built under that default dtype, with no cast afterwards: each tensor keeps the dtype the official code
+    gives it (float64 mode: the ViT's pos_embed is float32 on both sides, as in the original)."""
     torch.manual_seed(seed)
     paddle.seed(seed)
-    tmod = tm.build_moco(arch, dim, mlp_dim, T, img_size=img_size, stop_grad_conv1=stop_grad_conv1, **vit_kwargs)
-    tmod = tmod.double() if dtype == 'float64' else tmod.float()
+    with torch_dtype(dtype):
+        tmod = tm.build_moco(arch, dim, mlp_dim, T, img_size=img_size, stop_grad_conv1=stop_grad_conv1, **vit_kwargs)
     with paddle_dtype(dtype):
         pmod = pm.build_moco(arch, dim, mlp_dim, T, img_size=img_size, stop_grad_conv1=stop_grad_conv1, **vit_kwargs)
     bridge.torch_to_paddle_model(tmod, pmod)
     return tmod, pmod
+
+
+def torch_features(encoder, x):
+    """tm.backbone_features, also for the original code's ViT: on timm 0.4.9 its forward_features already
+    returns the class token ([B, D]), on timm 1.0 every token ([B, N, D])."""
+    if hasattr(encoder, 'forward_features'):
+        f = encoder.forward_features(x)
+        return f[:, 0] if f.ndim == 3 else f
+    return tm.backbone_features(encoder, x)
 
 
 def _np(t):
@@ -101,7 +124,7 @@ def run_forward_backward(arch, dtype='float64', img_size=32, batch=8, dim=256, m
     tmod.train()
     pmod.train()
     with torch.no_grad():
-        tf = tm.backbone_features(tmod.base_encoder, tx1)
+        tf = torch_features(tmod.base_encoder, tx1)
         tp = tmod.base_encoder(tx1)
         tq = tmod.predictor(tp)
     with paddle.no_grad():
@@ -243,6 +266,11 @@ def init_rows(arch, img_size=32, dim=256, mlp_dim=1024, seed=0, **vit_kwargs):
         for fam, items in sorted(fams.items()):
             kind, val = items[0][1], items[0][2]
             worst, bad = 0.0, ''
+            nf = [f'{name} ({nonfinite(w)})' for name, _, _, w in items if nonfinite(w)]
+            if nf:  # a NaN/inf weight fails the family, whatever its statistics say
+                rows.append(Row(f'init {side}: {fam}', len(items), math.nan, math.nan, 0.0 if kind == 'const' else 1.0,
+                                False, worst='NON-FINITE: ' + ', '.join(nf[:3])))
+                continue
             if kind == 'const':
                 for name, _, _, w in items:
                     err = float(np.max(np.abs(w - val)))

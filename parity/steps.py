@@ -11,6 +11,10 @@ Compared: the loss at every step, all trainable parameters after every step, and
 parameter (base encoder, momentum encoder, predictor), every optimizer state tensor (LARS momentum
 buffers; AdamW moments and bias-correction powers) and the BN running statistics.
 
+The Paddle side is not a re-implementation of that loop: it is ``paddle_impl.engine.moco_step``, the
+function main_moco calls for every iteration, with the optimizer and GradScaler from
+``paddle_impl.engine.moco_training_setup`` (what main_moco builds). Only the torch side is written here.
+
 Checks that need no twin, run on each side:
 - the frozen parameters (momentum encoder, pos_embed, the patch embedding under stop-grad-conv1) never
   get a gradient; those outside the momentum encoder are bitwise unchanged after K steps (no weight
@@ -19,6 +23,7 @@ Checks that need no twin, run on each side:
   from the pre-step parameters, gradients and state: for LARS, 1-D parameters (biases, norms) separately
   from the others, which shows they got no weight decay and no trust-ratio scaling.
 """
+import contextlib
 import math
 import time
 
@@ -27,8 +32,7 @@ import paddle
 import torch
 
 from convert.keymap import torch_to_paddle
-from paddle_impl import optimizer as poptim
-from paddle_impl import schedules as psched
+from paddle_impl import engine
 from torch_ref import models as tm
 from torch_ref import optimizer as toptim
 from torch_ref import schedules as tsched
@@ -275,20 +279,43 @@ def _paddle_post(opt, pmod, kind, names):
 
 
 # ------------------------------------------------------------------------------------------ scenario
+@contextlib.contextmanager
+def _planted_paddle_optimizer(factory):
+    """Make the product's own setup (engine.moco_training_setup) build ``factory``'s optimizer instead
+    (a planted difference); the step itself still runs through engine.moco_step."""
+    if factory is None:
+        yield
+        return
+    old = engine.build_optimizer
+    engine.build_optimizer = factory
+    try:
+        yield
+    finally:
+        engine.build_optimizer = old
+
+
 def run_steps(arch, optimizer, steps=10, dtype='float64', img_size=32, batch=8, dim=32, mlp_dim=64, seed=0,
               stop_grad_conv1=None, lr=None, wd=None, epochs=4, warmup_epochs=1, iters_per_epoch=4,
               momentum=0.9, moco_m=0.99, T=1.0, start_iter=0, per_step=True, atol=None,
-              paddle_optimizer=None, torch_optimizer=None, info=None, **vit_kwargs):
+              paddle_optimizer=None, torch_optimizer=None, info=None, pair=None, **vit_kwargs):
     """``steps`` MoCo v3 training iterations of ``arch`` with ``optimizer`` ('lars' | 'adamw') on both
     sides in ``dtype``; returns the parity rows (see the module docstring).
 
-    lr: the peak learning rate as main_moco holds it after ``scaled_lr`` (default: DEFAULTS); wd: weight
-    decay. The schedule runs over iterations start_iter .. start_iter+steps-1 with the fractional epoch
-    i / iters_per_epoch (warm-up ``warmup_epochs``, cosine to ``epochs``; iteration 0 has lr 0).
-    stop_grad_conv1: default True for the patch-embedding ViTs. ``paddle_optimizer`` / ``torch_optimizer``:
-    optional factories ``f(name, parameters, lr, weight_decay, momentum)`` replacing build_optimizer
-    (a planted difference). ``info``: a dict that receives timings, losses and how far the weights moved.
-    ``vit_kwargs`` (e.g. depth=2) go to the ViT factory on both sides."""
+    The Paddle side is the product's own training step: ``paddle_impl.engine.moco_training_setup`` builds
+    the optimizer (over ``model_parameters``, as main_moco does) and the GradScaler, and every iteration is
+    one call of ``paddle_impl.engine.moco_step`` (schedules, autocast, momentum update inside forward,
+    backward through the scaler, optimizer step); its ``before_update`` hook is where the harness reads the
+    gradients and the optimizer state before the update. Only the torch side is written here.
+
+    lr: the peak learning rate as main_moco holds it after ``scaled_lr`` (default: DEFAULTS), given to both
+    sides as the official --lr for the total batch (lr * 256 / batch) and scaled back by each side's own
+    ``scaled_lr``; wd: weight decay. The schedule runs over iterations start_iter .. start_iter+steps-1
+    with the fractional epoch i / iters_per_epoch (warm-up ``warmup_epochs``, cosine to ``epochs``;
+    iteration 0 has lr 0). stop_grad_conv1: default True for the patch-embedding ViTs.
+    ``paddle_optimizer`` / ``torch_optimizer``: optional factories ``f(name, parameters, lr, weight_decay,
+    momentum)`` replacing build_optimizer (a planted difference). ``info``: a dict that receives timings,
+    losses and how far the weights moved. ``pair``: a prebuilt (torch, paddle) model pair (e.g. the
+    official code's model, see parity/official.py). ``vit_kwargs`` (e.g. depth=2) go to the ViT factory."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{optimizer}'; known: {', '.join(OPTIMIZERS)}")
     if stop_grad_conv1 is None:
@@ -296,18 +323,21 @@ def run_steps(arch, optimizer, steps=10, dtype='float64', img_size=32, batch=8, 
     dlr, dwd = DEFAULTS[optimizer]
     lr = dlr if lr is None else lr
     wd = dwd if wd is None else wd
+    base_lr = lr * 256 / batch  # the official --lr that main_moco scales by the total batch
     tol = TOL[dtype]['steps']
     if atol is None:  # judged rows: near-zero tensors pass by abs error; reported rows show the raw error
         atol = ATOL[dtype] if tol is not None else None
     oracle_tol = 1e-12 if dtype == 'float64' else None
     info = {} if info is None else info
 
-    tmod, pmod = build_pair(arch, dtype=dtype, img_size=img_size, dim=dim, mlp_dim=mlp_dim, T=T, seed=seed,
-                            stop_grad_conv1=stop_grad_conv1, **vit_kwargs)
+    tmod, pmod = pair or build_pair(arch, dtype=dtype, img_size=img_size, dim=dim, mlp_dim=mlp_dim, T=T, seed=seed,
+                                    stop_grad_conv1=stop_grad_conv1, **vit_kwargs)
     tmod.train()
     pmod.train()
-    topt = (torch_optimizer or toptim.build_optimizer)(optimizer, tmod.parameters(), lr, wd, momentum)
-    popt = (paddle_optimizer or poptim.build_optimizer)(optimizer, pmod.parameters(), lr, wd, momentum)
+    lr_torch = tsched.scaled_lr(base_lr, batch)
+    topt = (torch_optimizer or toptim.build_optimizer)(optimizer, tmod.parameters(), lr_torch, wd, momentum)
+    with _planted_paddle_optimizer(paddle_optimizer):
+        popt, scaler, lr_paddle = engine.moco_training_setup(pmod, optimizer, base_lr, batch, wd, momentum)
 
     init = torch_params(tmod)
     frozen_t, frozen_p = _frozen_torch(tmod), _frozen_paddle(pmod)
@@ -316,7 +346,8 @@ def run_steps(arch, optimizer, steps=10, dtype='float64', img_size=32, batch=8, 
     frozen_init_p = {k: v.copy() for k, v in paddle_params(pmod).items() if k in frozen_out}
     trainable = [k for k in init if k not in frozen_t]
 
-    rows, loss_t, loss_p, lrs, moms, sched_diff = [], {}, {}, [], [], []
+    rows, loss_t, loss_p, lrs, moms = [], {}, {}, [], []
+    sched_diff = [] if lr_torch == lr_paddle else [f'scaled peak lr {lr_torch} vs {lr_paddle}']
     no_grad_ok = frozen_t == frozen_p and len(frozen_t) > 0
     mom_untouched = {'torch': True, 'paddle': True}
     time_t = time_p = 0.0
@@ -326,7 +357,7 @@ def run_steps(arch, optimizer, steps=10, dtype='float64', img_size=32, batch=8, 
         last = i == steps - 1
 
         t0 = time.perf_counter()
-        lr_t = tsched.adjust_learning_rate(topt, e, lr, warmup_epochs, epochs)
+        lr_t = tsched.adjust_learning_rate(topt, e, lr_torch, warmup_epochs, epochs)
         m_t = tsched.adjust_moco_momentum(e, moco_m, epochs)
         lt = tmod(torch.from_numpy(x1), torch.from_numpy(x2), m_t)
         topt.zero_grad()
@@ -347,34 +378,37 @@ def run_steps(arch, optimizer, steps=10, dtype='float64', img_size=32, batch=8, 
                                          for (k, v), p in zip(mom_t.items(), tmod.momentum_encoder.parameters()))
             del mom_t
 
+        seen = {}
+
+        def before_update(opt, last=last):
+            """Inside the product's step, after backward and before the optimizer step."""
+            seen['no_grad'] = all(p.grad is None for k, p in pmod.named_parameters() if p.stop_gradient)
+            seen['lr'] = opt.get_lr()
+            if last:
+                seen['pre'] = _paddle_pre(opt, pmod, optimizer, names)
+                seen['mom'] = [np.asarray(p.numpy()).copy() for k, p in pmod.momentum_encoder.named_parameters()
+                               if not _is_stat(k)]
         t0 = time.perf_counter()
-        lr_p = psched.adjust_learning_rate(popt, e, lr, warmup_epochs, epochs)
-        m_p = psched.adjust_moco_momentum(e, moco_m, epochs)
-        lp = pmod(paddle.to_tensor(x1), paddle.to_tensor(x2), m_p)
-        popt.clear_grad(set_to_zero=False)  # torch's zero_grad(): grads to None
-        lp.backward()
+        res = engine.moco_step(pmod, paddle.to_tensor(x1), paddle.to_tensor(x2), popt, scaler, e=e, lr=lr_paddle,
+                               epochs=epochs, warmup_epochs=warmup_epochs, moco_m=moco_m, moco_m_cos=True,
+                               before_update=before_update)
         time_p += time.perf_counter() - t0
-        no_grad_ok &= all(p.grad is None for k, p in pmod.named_parameters() if p.stop_gradient)
-        if last:
-            pre_p = _paddle_pre(popt, pmod, optimizer, names)
-            mom_p = [np.asarray(p.numpy()).copy() for k, p in pmod.momentum_encoder.named_parameters()
-                     if not _is_stat(k)]
-        t0 = time.perf_counter()
-        popt.step()
-        time_p += time.perf_counter() - t0
-        if last:
+        no_grad_ok &= seen.get('no_grad', False)
+        if last and 'pre' in seen:
+            pre_p = seen['pre']
             post_p = _paddle_post(popt, pmod, optimizer, names)
             mom_untouched['paddle'] = all(
                 np.array_equal(v, np.asarray(p.numpy()))
-                for v, p in zip(mom_p, [p for k, p in pmod.momentum_encoder.named_parameters() if not _is_stat(k)]))
-            del mom_p
+                for v, p in zip(seen['mom'], [p for k, p in pmod.momentum_encoder.named_parameters() if not _is_stat(k)]))
+        elif last:  # the product skipped the update (non-finite loss): the oracle has nothing to check
+            pre_p = post_p = {}
 
         lrs.append(lr_t)
         moms.append(m_t)
         loss_t[f'step {i:02d}'] = np.array(float(lt.detach()))
-        loss_p[f'step {i:02d}'] = np.array(float(lp.detach()))
-        if lr_t != lr_p or m_t != m_p or popt.get_lr() != lr_t:
-            sched_diff.append(f'step {i}: lr {lr_t} vs {lr_p} (optimizer {popt.get_lr()}), m {m_t} vs {m_p}')
+        loss_p[f'step {i:02d}'] = np.array(res.loss)
+        if lr_t != res.lr or m_t != res.m or seen.get('lr', lr_t) != lr_t:
+            sched_diff.append(f'step {i}: lr {lr_t} vs {res.lr} (optimizer {seen.get("lr")}), m {m_t} vs {res.m}')
         if per_step:
             tp, _ = split_null({k: v for k, v in torch_params(tmod).items() if k in trainable})
             pp, _ = split_null({k: v for k, v in paddle_params(pmod).items() if k in trainable})

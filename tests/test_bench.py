@@ -39,12 +39,26 @@ def test_aug_workers_protocol(tmp_path):
 
 
 def test_table_and_json_layout():
-    results = {k: bench.item(2.0, 4.0, 's') for k in bench.ORDER}
+    results = {k: bench.item(2.0, 4.0, 's', ratio_min=0.25, load_average=[1.5, 2.5]) for k in bench.ORDER}
     results['machine'] = {'cpu': 'x', 'cores': 2, 'env': {'OMP_NUM_THREADS': '2'}, 'device': 'cpu',
-                          'versions': {'paddlepaddle': '3', 'torch': '2'}}
+                          'versions': {'paddlepaddle': '3', 'torch': '2'}, 'kernel_isa': 'avx2',
+                          'cpu_facts': bench.machine_facts()}
     table = bench.format_table(results)
     for k in bench.ORDER:
         assert k in table
-    assert '0.500' in table
+    assert '0.500' in table and '0.250' in table and '1.5-2.5' in table
     assert bench.item(1.0, 0.0, 's')['ratio'] is None
+    facts = results['machine']['cpu_facts']
+    assert {'vendor', 'model', 'isa', 'set', 'kept', 'reasons', 'malloc_tune'} <= set(facts)
     json.dumps(results)
+
+
+def test_best_of_settings():
+    """Each framework's best setting is chosen on its own: the ratio can come from two different settings."""
+    def step(allocator, paddle_med, torch_med):
+        return bench.item(paddle_med, torch_med, 's', allocator=allocator,
+                          median={'paddle': paddle_med, 'torch': torch_med}, min={'paddle': paddle_med - 0.5, 'torch': torch_med - 0.5}, load_average=[1.0, 2.0])
+    best = bench.best_of([step('tuned', 5.0, 6.5), step('default', 5.5, 5.0)])
+    assert best['setting'] == {'paddle': 'allocator=tuned', 'torch': 'allocator=default'}
+    assert best['ratio'] == 1.0 and best['ratio_min'] == 1.0
+    assert best['median'] == {'paddle': 5.0, 'torch': 5.0} and best['load_average'] == [1.0, 2.0]

@@ -442,7 +442,7 @@ def test_module_entry_point_one_line(tmp_path):
 def test_optimizer_interop_with_paddle_trainer(work):
     """torch AdamW state -> our .pdparams -> the Paddle trainer's optimizer (utils.load_optimizer_state); and
     the Paddle trainer's own checkpoint (utils.optimizer_state) -> a torch optimizer that loads it."""
-    utils = pytest.importorskip('paddle_impl.utils')
+    from paddle_impl import utils
     from paddle_impl import models as pm
     from paddle_impl.layers import model_parameters
     from paddle_impl.optimizer import build_optimizer
@@ -495,3 +495,47 @@ def test_legacy_torch_file_through_torch(work, tmp_path):
         pio.load_torch_file_safe(old)
     ck = C.read_checkpoint(old)
     assert (ck.kind, ck.arch, ck.img_size) == ('deit', 'vit_small', IMG)
+
+
+# ------------------------------------------------------------------------- plain paddle.load (issue 15)
+
+def same_content(plain, safe, path=''):
+    """What plain ``paddle.load`` returns (Tensors) equals what our safe loader returns (numpy arrays):
+    same keys in the same order, same dtypes, shapes and values, same plain Python values."""
+    if isinstance(safe, (np.ndarray, np.generic)):
+        assert isinstance(plain, (paddle.Tensor, np.ndarray, np.generic)), (path, type(plain))
+        p = plain.numpy() if isinstance(plain, paddle.Tensor) else np.asarray(plain)
+        s = np.asarray(safe)
+        assert p.dtype == s.dtype and p.shape == s.shape, (path, p.dtype, s.dtype, p.shape, s.shape)
+        assert np.array_equal(p, s, equal_nan=True), path
+    elif isinstance(safe, dict):
+        assert isinstance(plain, dict) and list(plain) == list(safe), (path, list(plain)[:4], list(safe)[:4])
+        for k in safe:
+            same_content(plain[k], safe[k], f'{path}/{k}')
+    elif isinstance(safe, (list, tuple)):
+        assert isinstance(plain, (list, tuple)) and len(plain) == len(safe), path
+        for i, (a, b) in enumerate(zip(plain, safe)):
+            same_content(a, b, f'{path}[{i}]')
+    else:
+        assert type(plain) is type(safe) and plain == safe, (path, plain, safe)
+
+
+def test_every_paddle_file_convert_writes_loads_with_plain_paddle_load(work):
+    """torch2paddle (pretrain with AdamW + scaler, linear with SGD momentum, deit) and extract (deit and
+    backbone) write .pdparams that plain paddle.load reads (trusted files), with the content of our safe
+    loader. (The trainers' checkpoints are covered with the trainers.)"""
+    written = []
+    for kind, arch in (('pretrain', 'vit_small'), ('linear', 'resnet50'), ('deit', 'vit_small')):
+        src, _ = official(work, kind, arch)
+        out = work / f'plain-{kind}-{arch}.pdparams'
+        C.torch2paddle(src, out, log=quiet)
+        written.append(out)
+    src, _ = official(work, 'pretrain', 'vit_small')
+    for kind in ('deit', 'backbone'):
+        out = work / f'plain-extract-{kind}.pdparams'
+        C.extract(src, out, kind=kind, log=quiet)
+        written.append(out)
+    for p in written:
+        safe = pio.load_checkpoint(str(p))
+        plain = paddle.load(str(p))
+        same_content(plain, safe, p.name)

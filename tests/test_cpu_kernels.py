@@ -3,7 +3,9 @@
 float64: the kernels use the C library's exp/erf, so they must equal the definitions to rounding (1e-13).
 float32: the polynomial exp/erf must stay within a few float32 ulps of the float64 definition.
 The gradients are checked against Paddle's autograd of the definition (composed of Paddle's own ops).
-And the fallback (MOCO_CPU_KERNELS=0, Paddle's own ops) gives the same ViT numbers as the kernels.
+Every compiled instruction-set variant this CPU can run (AVX-512, AVX2/FMA, baseline) is checked (the `isa`
+fixture), and the in-place momentum-encoder (EMA) and LARS kernels are checked against their definitions in
+numpy. And the fallback (MOCO_CPU_KERNELS=0, Paddle's own ops) gives the same ViT numbers as the kernels.
 """
 import math
 import os
@@ -18,9 +20,42 @@ from paddle_impl import cpu_kernels
 import paddle  # noqa: E402
 import paddle.nn.functional as F  # noqa: E402
 
-from paddle_impl import layers  # noqa: E402
+from paddle_impl import layers, machine  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(params=cpu_kernels.ISAS)
+def isa(request):
+    """Runs the test with our kernels' variant for one instruction set, then back to the widest."""
+    if request.param not in cpu_kernels.supported_isas():
+        pytest.skip(f'this CPU cannot run the {request.param} variant (supported: {cpu_kernels.supported_isas()})')
+    assert cpu_kernels.set_isa(request.param) == request.param
+    yield request.param
+    cpu_kernels.set_isa(None)
+
+
+def test_isa_variants_match_this_cpu():
+    """The C++ side's CPU check agrees with /proc/cpuinfo, and the widest variant is the default."""
+    expected = ['generic'] + [i for i in ('avx2', 'avx512') if i in machine.cpu_facts()['isa']]
+    assert cpu_kernels.supported_isas() == expected
+    assert cpu_kernels.active_isa() == expected[-1]
+    assert not any(f.startswith('-m') for f in cpu_kernels.compile_flags())  # the library itself: baseline x86-64
+
+
+def test_isa_forced_by_env():
+    code = ('from paddle_impl import cpu_kernels; cpu_kernels.get(); '
+            'print(cpu_kernels.active_isa(), cpu_kernels.supported_isas()[-1])')
+    out = {}
+    for want in ('generic', 'nonsense'):
+        env = dict(os.environ, MOCO_CPU_ISA=want, PYTHONPATH=ROOT)
+        r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300,
+                           cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[want] = (r.stdout.split(), r.stderr)
+    assert out['generic'][0][0] == 'generic'
+    active, widest = out['nonsense'][0]
+    assert active == widest and "MOCO_CPU_ISA='nonsense' is not one of" in out['nonsense'][1]
 
 
 def test_kernels_build_here():
@@ -61,7 +96,7 @@ def _ln_ref(x, w, b, eps):
 
 
 @pytest.mark.parametrize('dtype', ['float64', 'float32'])
-def test_softmax_forward_backward(dtype):
+def test_softmax_forward_backward(dtype, isa):
     rng = np.random.default_rng(0)
     x0 = (rng.standard_normal((2, 3, 17, 33)) * 4).astype(dtype)
     dy0 = rng.standard_normal(x0.shape).astype(dtype)
@@ -79,7 +114,7 @@ def test_softmax_forward_backward(dtype):
     np.testing.assert_allclose(y.numpy().sum(-1), 1.0, rtol=TOL[dtype] * 10)
 
 
-def test_softmax_extremes():
+def test_softmax_extremes(isa):
     """Large and very negative scores: no overflow, no NaN; underflowed entries are (near) 0."""
     x = _t(np.array([[1000.0, 0.0, -1000.0, 999.0], [-1e4, -1e4, -1e4, -1e4]], dtype='float32'), False)
     y = layers.softmax_scaled(x, 1.0).numpy()
@@ -90,7 +125,7 @@ def test_softmax_extremes():
 
 
 @pytest.mark.parametrize('dtype', ['float64', 'float32'])
-def test_gelu_forward_backward(dtype):
+def test_gelu_forward_backward(dtype, isa):
     rng = np.random.default_rng(1)
     x0 = np.concatenate([rng.standard_normal(5000) * 3, np.linspace(-12, 12, 2000), [0.0, -0.0, 1e-30, 5.0]])
     x0 = x0.astype(dtype).reshape(-1, 4)
@@ -109,7 +144,7 @@ def test_gelu_forward_backward(dtype):
 
 
 @pytest.mark.parametrize('dtype', ['float64', 'float32'])
-def test_layer_norm_forward_backward(dtype):
+def test_layer_norm_forward_backward(dtype, isa):
     rng = np.random.default_rng(2)
     x0 = (rng.standard_normal((3, 11, 40)) * 2 + 1).astype(dtype)
     x0[0, 0] = 1e-7 * rng.standard_normal(40)  # variance ~1e-14: epsilon dominates (the ViT's cls token)
@@ -215,7 +250,7 @@ CONV_CASES = [  # (N, C, H, W, Co, KH, KW, stride, padding)
 
 @pytest.mark.parametrize('case', CONV_CASES)
 @pytest.mark.parametrize('dtype', ['float64', 'float32'])
-def test_conv2d_against_paddle(case, dtype):
+def test_conv2d_against_paddle(case, dtype, isa):
     n, c, h, w, co, kh, kw, stride, padding = case
     rng = np.random.default_rng(5)
     x0 = rng.standard_normal((n, c, h, w)).astype(dtype)
@@ -250,3 +285,75 @@ def test_conv_layer_routing():
     ref = paddle.nn.Conv2D(4, 4, 3, padding=1, bias_attr=False)
     ref.set_state_dict(plain.state_dict())
     np.testing.assert_allclose(plain(x).numpy(), ref(x).numpy(), rtol=2e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the in-place optimizer-side kernels against their definitions (numpy, float64)
+
+def _inplace(op, *arrays_and_attrs, dtype):
+    tensors = [paddle.to_tensor(a.astype(dtype)) for a in arrays_and_attrs if isinstance(a, np.ndarray)]
+    attrs = [a for a in arrays_and_attrs if not isinstance(a, np.ndarray)]
+    tensors[0].stop_gradient = False  # a parameter: run_inplace must lift it for the call and restore it
+    cpu_kernels.run_inplace(op, *tensors, *attrs)
+    assert not tensors[0].stop_gradient
+    return [t.numpy() for t in tensors]
+
+
+@pytest.mark.parametrize('dtype', ['float64', 'float32'])
+def test_ema_kernel(dtype, isa):
+    """moco_ema_: p_m <- p_m * m + p_b * (1 - m) (the official update), p_b untouched; odd size (vector tails)."""
+    rng = np.random.default_rng(6)
+    pm0, pb0 = rng.standard_normal(1037), rng.standard_normal(1037) * 3
+    pm0, pb0 = pm0.astype(dtype).astype('float64'), pb0.astype(dtype).astype('float64')
+    for m in (0.99, 0.0, 1.0, 0.9961):
+        pm, pb = _inplace(cpu_kernels.get().moco_ema_, pm0, pb0, m, dtype=dtype)
+        ref = pm0 * m + pb0 * (1 - m)
+        tol = 1e-15 if dtype == 'float64' else 2e-7
+        assert np.abs(pm - ref).max() <= tol * np.abs(ref).max(), m
+        np.testing.assert_array_equal(pb, pb0.astype(dtype))
+    # m = 1 keeps p_m, m = 0 copies p_b exactly
+    assert np.array_equal(_inplace(cpu_kernels.get().moco_ema_, pm0, pb0, 1.0, dtype=dtype)[0], pm0.astype(dtype))
+    assert np.array_equal(_inplace(cpu_kernels.get().moco_ema_, pm0, pb0, 0.0, dtype=dtype)[0], pb0.astype(dtype))
+
+
+def _lars_ref(p, g, mu, lr, wd, momentum, tc, adapt):
+    """The official LARS step (FACTS.md), float64."""
+    if adapt:
+        d = g + wd * p
+        pn, dn = np.linalg.norm(p), np.linalg.norm(d)
+        q = tc * pn / dn if pn > 0 and dn > 0 else 1.0
+        d = d * q
+    else:
+        d = g
+    mu = momentum * mu + d
+    return p - lr * mu, mu
+
+
+@pytest.mark.parametrize('dtype', ['float64', 'float32'])
+def test_lars_kernel(dtype, isa):
+    """moco_lars_ on a weight (ndim > 1: weight decay and trust ratio) and on a bias (neither), two steps,
+    and the zero-norm cases where the ratio is 1."""
+    rng = np.random.default_rng(7)
+    lr, wd, momentum, tc = 0.3, 1e-2, 0.9, 0.001
+    cases = {
+        'weight': (rng.standard_normal(2051), True),
+        'bias': (rng.standard_normal(515), False),
+        'zero weight': (np.zeros(300), True),  # ||p|| = 0: q = 1
+    }
+    tol = 1e-14 if dtype == 'float64' else 3e-6
+    for name, (p0, adapt) in cases.items():
+        p0 = p0.astype(dtype).astype('float64')
+        p, mu = p0, np.zeros_like(p0)
+        rp, rmu = p0, np.zeros_like(p0)
+        for step in range(2):
+            g = rng.standard_normal(p0.shape).astype(dtype).astype('float64')
+            p, _, mu = _inplace(cpu_kernels.get().moco_lars_, p, g, mu, lr, wd, momentum, tc, adapt, dtype=dtype)
+            p, mu = p.astype('float64'), mu.astype('float64')
+            rp, rmu = _lars_ref(rp, g, rmu, lr, wd, momentum, tc, adapt)
+            assert np.abs(p - rp).max() <= tol * max(np.abs(rp).max(), 1e-300), (name, step)
+            assert np.abs(mu - rmu).max() <= tol * max(np.abs(rmu).max(), 1e-300), (name, step)
+    # g + wd * p = 0 exactly: the ratio is 1 and the update is 0
+    p0 = np.full(64, 2.0)
+    p, _, mu = _inplace(cpu_kernels.get().moco_lars_, p0, -wd * p0, np.zeros(64), lr, wd, momentum, tc, True,
+                        dtype=dtype)
+    assert np.array_equal(p, p0.astype(dtype)) and not mu.any()

@@ -16,8 +16,16 @@ from paddle_impl import main_lincls as ml
 
 from test_lincls import TINY_VIT, call_main, make_data, make_pretrain, run_cli
 
-timm_aa = pytest.importorskip('timm.data.auto_augment')
-timm_mixup = pytest.importorskip('timm.data.mixup')
+
+
+@pytest.fixture
+def timm_aa():  # only the tests compared with timm need it (a skip there, never of the CLI tests)
+    return pytest.importorskip('timm.data.auto_augment')
+
+
+@pytest.fixture
+def timm_mixup():
+    return pytest.importorskip('timm.data.mixup')
 
 
 # -------------------------------------------------------------------------------------------- Mixup / CutMix
@@ -34,7 +42,7 @@ def _smoothed(y, classes, s):
     return t
 
 
-def test_mixup_is_the_convex_combination_with_the_flipped_batch():
+def test_mixup_is_the_convex_combination_with_the_flipped_batch(timm_mixup):
     x, y = _batch()
     m = fa.Mixup(mixup_alpha=0.8, cutmix_alpha=0., label_smoothing=0.1, num_classes=5, seed=0)
     out, tgt = m(paddle.to_tensor(x), paddle.to_tensor(y))
@@ -69,7 +77,7 @@ def test_cutmix_pastes_the_box_and_corrects_lam_to_its_area():
     assert seen >= 15
 
 
-def test_cutmix_box_equals_timm_for_the_same_centre():
+def test_cutmix_box_equals_timm_for_the_same_centre(timm_mixup):
     for seed in range(50):
         lam = float(np.random.default_rng(seed).beta(1, 1))
         np.random.seed(seed)
@@ -127,7 +135,7 @@ def _image(seed=0, size=(40, 32)):
 
 
 @pytest.mark.parametrize('name', sorted(set(fa.RAND_INCREASING_OPS) | set(fa.RAND_OPS)))
-def test_rand_augment_op_equals_timm(name, monkeypatch):
+def test_rand_augment_op_equals_timm(name, monkeypatch, timm_aa):
     img = _image()
     for m in (0., 3.7, 9., 10.):
         for negate in (False, True):
@@ -144,7 +152,7 @@ def test_rand_augment_op_equals_timm(name, monkeypatch):
             assert np.array_equal(np.asarray(out), np.asarray(ref)), (name, m, negate)
 
 
-def test_rand_augment_config_and_draws():
+def test_rand_augment_config_and_draws(timm_aa):
     cfg = fa.parse_rand_augment('rand-m9-mstd0.5-inc1')
     assert cfg == dict(num_layers=2, magnitude=9.0, magnitude_std=0.5, magnitude_max=10.0, increasing=True, prob=0.5)
     assert fa.RAND_INCREASING_OPS == tuple(timm_aa._RAND_INCREASING_TRANSFORMS)

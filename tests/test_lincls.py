@@ -193,7 +193,7 @@ def test_sgd_state_round_trip():
 
 
 def test_checkpoint_format_shared_with_main_moco_and_convert():
-    main_moco = pytest.importorskip('paddle_impl.main_moco')
+    from paddle_impl import main_moco
     from convert import checkpoints
     assert main_moco.CHECKPOINT_FORMAT == ml.CHECKPOINT_FORMAT == checkpoints.FORMAT
 

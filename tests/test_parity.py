@@ -105,11 +105,11 @@ def test_planted_layernorm_eps_is_caught():
 
 
 def test_planted_biased_running_variance_is_caught(monkeypatch):
+    """One change only: the running variance takes the biased batch variance (n instead of n - 1). The
+    float64 BN definition (normalisation, epsilon, momentum in float64) stays as it is, so the forward,
+    the loss and every gradient still agree; only the running statistics fail."""
     from paddle_impl import layers
-
-    def biased_forward(self, x):  # Paddle's own kernel: biased running variance
-        return super(layers._UnbiasedVarMixin, self).forward(x)
-    monkeypatch.setattr(layers._UnbiasedVarMixin, 'forward', biased_forward)
+    monkeypatch.setattr(layers._UnbiasedVarMixin, '_reduce_count', lambda self, x: 1)  # n / (n - 1) not applied
     rows = scenarios.run_forward_backward('resnet50', 'float64', **SMALL)
     failed = {r.check for r in rows if not r.passed}
     assert failed == {'BN running mean/var after the step'}, format_table(rows)

@@ -1,0 +1,298 @@
+// The kernels of cpu_kernels.cc, included there once per instruction set inside its own namespace
+// (isa_generic, isa_avx2, isa_avx512) under a `#pragma GCC target`: no include guard, no #include here.
+// ConvGeom, <cmath>, <algorithm>, <vector> and OpenMP come from the including file.
+
+inline float exp_f32(float x) {
+  // exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2; the input is clamped to where 2^n is a
+  // normal float (below: exp(-87.3) = 1.2e-38, the smallest normal; the softmax never needs less).
+  // Written so that GCC vectorises it (std::min/max, floor; built with -fno-trapping-math).
+  x = std::min(std::max(x, -87.33654f), 88.37626f);
+  const float fn = std::floor(x * 1.44269504088896341f + 0.5f);
+  const int32_t n = static_cast<int32_t>(fn);
+  // ln 2 split into a part exact in float and the rest
+  float r = x - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  return y * __builtin_bit_cast(float, (n + 127) << 23);  // 2^n
+}
+
+inline float erf_f32(float x) {
+  // Abramowitz & Stegun 7.1.26: erf(|x|) = 1 - t (a1 + a2 t + ... + a5 t^4) exp(-x^2), t = 1 / (1 + p|x|)
+  const float ax = std::fabs(x);
+  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  float q = 1.061405429f;
+  q = q * t - 1.453152027f;
+  q = q * t + 1.421413741f;
+  q = q * t - 0.284496736f;
+  q = q * t + 0.254829592f;
+  const float y = 1.0f - q * t * exp_f32(-ax * ax);
+  return std::copysign(y, x);
+}
+
+template <typename T> inline T exp_t(T x);
+template <> inline float exp_t<float>(float x) { return exp_f32(x); }
+template <> inline double exp_t<double>(double x) { return std::exp(x); }
+template <typename T> inline T erf_t(T x);
+template <> inline float erf_t<float>(float x) { return erf_f32(x); }
+template <> inline double erf_t<double>(double x) { return std::erf(x); }
+
+constexpr double kSqrt1_2 = 0.70710678118654752440;
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+
+template <typename T>
+void softmax_fwd_k(const T* x, T* y, int64_t rows, int64_t C, T scale) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * C;
+    T* yr = y + r * C;
+    T m = xr[0];
+#pragma omp simd reduction(max : m)
+    for (int64_t c = 0; c < C; ++c) m = xr[c] > m ? xr[c] : m;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < C; ++c) {
+      const T e = exp_t<T>(scale * (xr[c] - m));  // scale > 0, so max(scale * x) = scale * max(x)
+      yr[c] = e;
+      s += e;
+    }
+    const T inv = T(1) / s;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) yr[c] *= inv;
+  }
+}
+
+template <typename T>
+void softmax_bwd_k(const T* y, const T* dy, T* dx, int64_t rows, int64_t C, T scale) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* yr = y + r * C;
+    const T* gr = dy + r * C;
+    T* dr = dx + r * C;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < C; ++c) s += gr[c] * yr[c];
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) dr[c] = scale * yr[c] * (gr[c] - s);
+  }
+}
+
+template <typename T>
+void gelu_fwd_k(const T* x, T* y, int64_t n) {
+  const T k = static_cast<T>(kSqrt1_2);
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * (T(0.5) + T(0.5) * erf_t<T>(x[i] * k));
+}
+
+template <typename T>
+void gelu_bwd_k(const T* x, const T* dy, T* dx, int64_t n) {
+  const T k = static_cast<T>(kSqrt1_2);
+  const T c = static_cast<T>(kInvSqrt2Pi);
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = x[i];
+    const T cdf = T(0.5) + T(0.5) * erf_t<T>(v * k);
+    const T pdf = c * exp_t<T>(T(-0.5) * v * v);
+    dx[i] = dy[i] * (cdf + v * pdf);
+  }
+}
+
+template <typename T>
+void ln_fwd_k(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t rows, int64_t C, double eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * C;
+    T* yr = y + r * C;
+    double s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < C; ++c) s += static_cast<double>(xr[c]);
+    const double mu = s / static_cast<double>(C);
+    double v = 0;
+#pragma omp simd reduction(+ : v)
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = static_cast<double>(xr[c]) - mu;
+      v += d * d;
+    }
+    const double rs = 1.0 / std::sqrt(v / static_cast<double>(C) + eps);
+    const T m_t = static_cast<T>(mu), rs_t = static_cast<T>(rs);
+    mean[r] = m_t;
+    rstd[r] = rs_t;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - m_t) * rs_t * w[c] + b[c];
+  }
+}
+
+template <typename T>
+void ln_bwd_k(const T* x, const T* w, const T* mean, const T* rstd, const T* dy, T* dx, T* dw, T* db,
+              int64_t rows, int64_t C) {
+  int nthreads = 1;
+#ifdef _OPENMP
+  nthreads = omp_get_max_threads();
+#endif
+  // per-thread partial sums of dw and db (double), added up in thread order afterwards
+  std::vector<double> part(static_cast<size_t>(nthreads) * 2 * C, 0.0);
+#pragma omp parallel num_threads(nthreads)
+  {
+    int tid = 0;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+#endif
+    double* pw = part.data() + static_cast<size_t>(tid) * 2 * C;
+    double* pb = pw + C;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x + r * C;
+      const T* gr = dy + r * C;
+      T* dr = dx + r * C;
+      const T m = mean[r], rs = rstd[r];
+      double sg = 0, sgx = 0;
+#pragma omp simd reduction(+ : sg, sgx)
+      for (int64_t c = 0; c < C; ++c) {
+        const T xh = (xr[c] - m) * rs;
+        const T g = gr[c] * w[c];
+        sg += static_cast<double>(g);
+        sgx += static_cast<double>(g * xh);
+        pw[c] += static_cast<double>(gr[c] * xh);
+        pb[c] += static_cast<double>(gr[c]);
+      }
+      const T mg = static_cast<T>(sg / static_cast<double>(C));
+      const T mgx = static_cast<T>(sgx / static_cast<double>(C));
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T xh = (xr[c] - m) * rs;
+        dr[c] = rs * (gr[c] * w[c] - mg - xh * mgx);
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    double sw = 0, sb = 0;
+    for (int t = 0; t < nthreads; ++t) {
+      sw += part[static_cast<size_t>(t) * 2 * C + c];
+      sb += part[static_cast<size_t>(t) * 2 * C + C + c];
+    }
+    dw[c] = static_cast<T>(sw);
+    db[c] = static_cast<T>(sb);
+  }
+}
+
+template <typename T>
+void im2col_k(const T* x, T* cols, const ConvGeom& g) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t c = 0; c < g.C; ++c) {
+      const T* xp = x + (n * g.C + c) * g.H * g.W;
+      for (int64_t i = 0; i < g.KH; ++i) {
+        for (int64_t j = 0; j < g.KW; ++j) {
+          T* out = cols + g.row(n, c, i * g.KW + j);
+          int64_t lo, hi;
+          g.ow_range(j, &lo, &hi);
+          for (int64_t oh = 0; oh < g.HO; ++oh) {
+            T* orow = out + oh * g.WO;
+            const int64_t ih = oh * g.SH - g.PH + i;
+            if (ih < 0 || ih >= g.H) {
+              std::fill(orow, orow + g.WO, T(0));
+              continue;
+            }
+            const T* xrow = xp + ih * g.W - g.PW + j;  // xrow[ow * SW] = x[ih, ow*SW - PW + j]
+            std::fill(orow, orow + lo, T(0));
+            if (g.SW == 1) {
+              std::copy(xrow + lo, xrow + hi, orow + lo);
+            } else {
+              for (int64_t ow = lo; ow < hi; ++ow) orow[ow] = xrow[ow * g.SW];
+            }
+            std::fill(orow + hi, orow + g.WO, T(0));
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void col2im_k(const T* cols, T* x, const ConvGeom& g) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t c = 0; c < g.C; ++c) {
+      T* xp = x + (n * g.C + c) * g.H * g.W;
+      std::fill(xp, xp + g.H * g.W, T(0));
+      for (int64_t i = 0; i < g.KH; ++i) {
+        for (int64_t j = 0; j < g.KW; ++j) {
+          const T* in = cols + g.row(n, c, i * g.KW + j);
+          int64_t lo, hi;
+          g.ow_range(j, &lo, &hi);
+          for (int64_t oh = 0; oh < g.HO; ++oh) {
+            const int64_t ih = oh * g.SH - g.PH + i;
+            if (ih < 0 || ih >= g.H) continue;
+            const T* irow = in + oh * g.WO;
+            T* xrow = xp + ih * g.W - g.PW + j;
+            if (g.SW == 1) {
+#pragma omp simd
+              for (int64_t ow = lo; ow < hi; ++ow) xrow[ow] += irow[ow];
+            } else {
+              for (int64_t ow = lo; ow < hi; ++ow) xrow[ow * g.SW] += irow[ow];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void ema_k(T* pm, const T* pb, int64_t n, T m) {
+  const T w = T(1) - m;
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) pm[i] = pm[i] * m + pb[i] * w;  // official: p_m * m + p_b * (1 - m)
+}
+
+template <typename T>
+void lars_k(T* p, const T* g, T* mu, int64_t n, T lr, T wd, T momentum, double tc, bool adapt) {
+  T q = T(1);
+  if (adapt) {
+    int nthreads = 1;
+#ifdef _OPENMP
+    nthreads = omp_get_max_threads();
+#endif
+    std::vector<double> part(static_cast<size_t>(nthreads) * 2, 0.0);
+#pragma omp parallel num_threads(nthreads)
+    {
+      int tid = 0;
+#ifdef _OPENMP
+      tid = omp_get_thread_num();
+#endif
+      int nt = 1;
+#ifdef _OPENMP
+      nt = omp_get_num_threads();
+#endif
+      const int64_t lo = n * tid / nt, hi = n * (tid + 1) / nt;  // this thread's share, a fixed split
+      double sp = 0, sd = 0;
+#pragma omp simd reduction(+ : sp, sd)
+      for (int64_t i = lo; i < hi; ++i) {
+        const T d = g[i] + wd * p[i];
+        sp += static_cast<double>(p[i]) * static_cast<double>(p[i]);
+        sd += static_cast<double>(d) * static_cast<double>(d);
+      }
+      part[2 * tid] = sp;
+      part[2 * tid + 1] = sd;
+    }
+    double sp = 0, sd = 0;
+    for (int t = 0; t < nthreads; ++t) {
+      sp += part[2 * t];
+      sd += part[2 * t + 1];
+    }
+    const T pn = static_cast<T>(std::sqrt(sp)), dn = static_cast<T>(std::sqrt(sd));
+    if (pn > T(0) && dn > T(0)) q = static_cast<T>(tc) * pn / dn;
+  }
+  const T w = adapt ? wd : T(0);
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const T d = (g[i] + w * p[i]) * q;
+    mu[i] = mu[i] * momentum + d;
+    p[i] = p[i] - lr * mu[i];
+  }
+}
