@@ -280,6 +280,12 @@ def main_worker(args):
     if args.batch_size % run.world:
         s.logger.warning(f'--batch-size {args.batch_size} is not a multiple of {run.world} processes: '
                          f'{run.per_proc * run.world} images per step are used')
+    if args.knn_every and run.rank == 0:  # the kNN data must fit before the first epoch, not after it
+        try:
+            data_mod.check_split(run.traindir, args.knn_data or os.path.join(args.data, 'val'))
+        except data_mod.DataError as e:
+            raise RunError(f'--knn-every: {e} (--knn-data DIR names labelled images with the classes of '
+                           f'DATA/train)') from None
     ckpt, s.resume_path = read_resume(args, run)
     if args.seed is not None:
         engine.seed_everything(args.seed)
