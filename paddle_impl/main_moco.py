@@ -148,7 +148,7 @@ def check_args(args):
 
 
 def load_resume_checkpoint(path, arch):
-    ckpt, _ = engine.read_checkpoint(path)
+    ckpt, _ = engine.read_checkpoint(path, quoted=False, paddle_only=True)
     ckpt = ckpt if isinstance(ckpt, dict) else None
     kind = (ckpt or {}).get('kind')
     if kind not in (None, 'pretrain'):
@@ -249,7 +249,7 @@ def same_batch_order(ckpt, iters_per_epoch, world, global_batch, total_size):
 def resume_from(s, ckpt, path):
     """Model, optimizer, scaler and RNG state from ``ckpt``; sets s.start_epoch / start_iter / global_step."""
     engine.load_state_exactly(s.model, ckpt['state_dict'], f'--resume {path}: the checkpoint',
-                              '--arch/--vit-*/--moco-*/--img-size')
+                              '--vit-*/--moco-*/--img-size')
     try:
         utils.load_optimizer_state(s.optimizer, s.model, ckpt['optimizer'])
     except (ValueError, KeyError) as e:
