@@ -441,7 +441,7 @@ class MetricsSink:
         if self._writer is None:
             from visualdl import LogWriter  # imported when first needed: only rank 0 writes
             self._writer = LogWriter(logdir=self.vdl_dir, flush_secs=5)
-        step = int(record.get('global_step', record.get('epoch', 0)))
+        step = int(record.get('global_step') if record.get('global_step') is not None else record.get('epoch') or 0)
         for k in keys:
             v = record.get(k)
             if isinstance(v, (int, float)) and math.isfinite(v):

@@ -367,7 +367,8 @@ def test_official_sgd_state_restored_or_told_why(tmp_path):
     _, meta = ml.read_resume(str(files['good']))
     sgd, log = fresh_sgd(), Log()
     assert ml.restore_sgd_state(sgd, meta, files['good'], log) is True and log.lines == []
-    np.testing.assert_array_equal(sgd.buffers['head.weight'].numpy(), opt.state[enc.head.weight]['momentum_buffer'].numpy().T)
+    np.testing.assert_array_equal(sgd.buffers['head.weight'].numpy(),
+                                  opt.state[enc.head.weight]['momentum_buffer'].numpy().T)
     np.testing.assert_array_equal(sgd.buffers['head.bias'].numpy(), opt.state[enc.head.bias]['momentum_buffer'].numpy())
     for name in ('bad', 'none'):
         log.lines = []
