@@ -82,4 +82,4 @@ def test_console_script_help(installed, script):
     with open(exe) as f:
         assert f.readline().strip() == f'#!{py}', 'the script must run the venv\'s interpreter'
     out = _run([str(exe), '--help'], cwd=empty)
-    assert out.startswith('usage:') and SCRIPTS[script] in out, out[:500]
+    assert 'usage:' in out and SCRIPTS[script] in out, out[:500]
