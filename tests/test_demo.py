@@ -44,7 +44,7 @@ def test_demo_quick_pretraining_beats_random_init(tmp_path, capsys):
     assert gain >= MARGIN, res
     # the kNN curve: one point per epoch, the last one the final encoder (same weights, same monitor)
     curve = res['knn_curve']
-    assert [c['epoch'] for c in curve] == [1, 2]
+    assert [c['epoch'] for c in curve] == [1, 2] and 0.0 < res['knn_curve_epoch0'] <= 1.0
     if res['knn_max_train'] >= 1438:
         assert curve[-1]['knn_top1'] == res['pretrained']['knn']
     assert (out / 'knn_curve.png').stat().st_size > 1000
