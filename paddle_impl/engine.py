@@ -356,12 +356,15 @@ def resume_file(resume, output_dir, logger):
     return path
 
 
-def read_checkpoint(path, flag='--resume'):
-    """(object, format) of a checkpoint file, read without running code; ('torch' files are not unpickled)."""
+def read_checkpoint(path, flag='--resume', quoted=True, paddle_only=False):
+    """(object, format) of a checkpoint file, read without running code. A file that is not a Paddle pickle
+    gives (None, its format), or with ``paddle_only`` the loader's one-line refusal (e.g. 'a PyTorch
+    checkpoint, not a Paddle one: convert it ...')."""
     if not os.path.isfile(path):
-        raise RunError(f"{flag} '{path}': " + ('no such file' if not os.path.exists(path) else 'not a file'))
+        name = f"'{path}'" if quoted else path
+        raise RunError(f'{flag} {name}: ' + ('no such file' if not os.path.exists(path) else 'not a file'))
     try:
-        fmt = pio.sniff_format(path)
+        fmt = 'pickle' if paddle_only else pio.sniff_format(path)
         return (pio.load_checkpoint(path) if fmt == 'pickle' else None), fmt
     except pio.CheckpointError as e:
         raise RunError(f'{flag}: {e}') from None
@@ -438,7 +441,7 @@ class MetricsSink:
         if self._writer is None:
             from visualdl import LogWriter  # imported when first needed: only rank 0 writes
             self._writer = LogWriter(logdir=self.vdl_dir, flush_secs=5)
-        step = int(record.get('global_step', record.get('epoch', 0)))
+        step = int(record.get('global_step') if record.get('global_step') is not None else record.get('epoch') or 0)
         for k in keys:
             v = record.get(k)
             if isinstance(v, (int, float)) and math.isfinite(v):

@@ -21,9 +21,10 @@ Recipe (DeiT defaults; -b is the TOTAL batch of all processes, DeiT's 64 per GPU
 Not reproduced (see README): DeiT's model EMA, repeated augmentation, and DeiT's one-epoch lag of its
 per-epoch scheduler (DeiT trains epoch e >= 1 at the rate computed for e - 1).
 
-Output (rank 0), in --output-dir: checkpoint.pdparams (every epoch), model_best.pdparams (best top-1),
-log.txt, metrics.jsonl (one {"type": "epoch", ...} record per epoch) and vdl/ (VisualDL scalars; --no-vdl); atomic writes, read back without running code. --resume PATH continues a run; --eval evaluates
-(--resume or --finetune weights) and stops.
+Output (rank 0), in --output-dir: checkpoint.pdparams (every epoch), model_best.pdparams (best top-1), log.txt,
+metrics.jsonl (one {"type": "epoch", ...} record per epoch) and vdl/ (VisualDL scalars; --no-vdl); atomic writes,
+read back without running code. --resume PATH continues a run; --eval evaluates (--resume or --finetune weights)
+and stops.
 
 Exit status: 0 done; 2 a usage or input error (one line 'error: ...' on stderr); 3 a non-finite loss (under
 --amp a NaN/inf loss skips the step, as torch's GradScaler does; exit 3 after
@@ -162,7 +163,7 @@ def train_one_epoch(model, criterion, loader, optimizer, epoch, mixup_fn=None, s
     end = time.time()
     for i, (samples, targets) in enumerate(loader):
         value, _, finite = engine.finetune_step(model, samples, targets, optimizer, criterion, scaler, amp, mixup_fn)
-        if guard.check(finite, value, f'epoch {epoch}, iteration {i + 1}/{n_iter}'):
+        if guard.check(finite, value, f'epoch {epoch}, iteration {i + 1}/{n_iter}', global_step=epoch + 1):
             losses.update(value, int(samples.shape[0]))
         batch_time.update(time.time() - end)
         end = time.time()

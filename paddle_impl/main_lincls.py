@@ -20,13 +20,13 @@ and after loading only the classifier may be missing. The model stays in eval mo
 lr * 0.5 * (1 + cos(pi * epoch / epochs)); cross-entropy; top-1 / top-5 on val after every epoch. After
 the first epoch of a run, the backbone must still equal the pretrained weights (official sanity check).
 
-Output (rank 0), in --output-dir: checkpoint.pdparams (every epoch) and model_best.pdparams (best top-1),
-both written atomically and read without running code; log.txt; metrics.jsonl (one {"type": "epoch", ...}
-record per epoch: lr, train_loss, acc1, acc5, val_loss) and the same scalars under vdl/ (VisualDL; --no-vdl). A checkpoint holds {'format', 'kind':
-'linear', 'epoch', 'arch', 'img_size', 'num_classes', 'vit_kwargs', 'state_dict' (the whole classifier
-model, Paddle names), 'best_acc1', 'optimizer', 'pretrained', 'args'}; convert/ turns it into the official
-linear-*.pth.tar layout. --resume also accepts an official linear-*.pth.tar (through convert/), e.g. to
-evaluate it with -e.
+Output (rank 0), in --output-dir: checkpoint.pdparams (every epoch) and model_best.pdparams (best top-1), both
+written atomically and read without running code; log.txt; metrics.jsonl (one {"type": "epoch", ...} record per
+epoch: lr, train_loss, acc1, acc5, val_loss) and the same scalars under vdl/ (VisualDL; --no-vdl). A checkpoint
+holds {'format', 'kind': 'linear', 'epoch', 'arch', 'img_size', 'num_classes', 'vit_kwargs', 'state_dict' (the
+whole classifier model, Paddle names), 'best_acc1', 'optimizer', 'pretrained', 'args'}; convert/ turns it into
+the official linear-*.pth.tar layout. --resume also accepts an official linear-*.pth.tar (through convert/), e.g.
+to evaluate it with -e.
 
 Exit status: 0 done; 2 a usage or input error (one line 'error: ...' on stderr); 3 a non-finite loss.
 """

@@ -148,7 +148,7 @@ def check_args(args):
 
 
 def load_resume_checkpoint(path, arch):
-    ckpt, _ = engine.read_checkpoint(path)
+    ckpt, _ = engine.read_checkpoint(path, quoted=False, paddle_only=True)
     ckpt = ckpt if isinstance(ckpt, dict) else None
     kind = (ckpt or {}).get('kind')
     if kind not in (None, 'pretrain'):
@@ -249,7 +249,7 @@ def same_batch_order(ckpt, iters_per_epoch, world, global_batch, total_size):
 def resume_from(s, ckpt, path):
     """Model, optimizer, scaler and RNG state from ``ckpt``; sets s.start_epoch / start_iter / global_step."""
     engine.load_state_exactly(s.model, ckpt['state_dict'], f'--resume {path}: the checkpoint',
-                              '--arch/--vit-*/--moco-*/--img-size')
+                              '--vit-*/--moco-*/--img-size')
     try:
         utils.load_optimizer_state(s.optimizer, s.model, ckpt['optimizer'])
     except (ValueError, KeyError) as e:
@@ -280,6 +280,12 @@ def main_worker(args):
     if args.batch_size % run.world:
         s.logger.warning(f'--batch-size {args.batch_size} is not a multiple of {run.world} processes: '
                          f'{run.per_proc * run.world} images per step are used')
+    if args.knn_every and run.rank == 0:  # the kNN data must fit before the first epoch, not after it
+        try:
+            data_mod.check_split(run.traindir, args.knn_data or os.path.join(args.data, 'val'))
+        except data_mod.DataError as e:
+            raise RunError(f'--knn-every: {e} (--knn-data DIR names labelled images with the classes of '
+                           f'DATA/train)') from None
     ckpt, s.resume_path = read_resume(args, run)
     if args.seed is not None:
         engine.seed_everything(args.seed)

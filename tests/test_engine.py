@@ -193,3 +193,44 @@ def test_data_seed_and_check_args():
     args = main_lincls.get_parser().parse_args(['d', '-a', 'vit_small', '--vit-depth', '0'])
     with pytest.raises(engine.RunError, match='--vit-depth must be positive, got 0'):
         engine.check_common_args(args)
+
+
+def test_finetune_amp_overflow_once_is_skipped(data_dir, tmp_path, capsys, monkeypatch):
+    """main_finetune --amp (float16) with an inf output at the 2nd training step: skipped, counted, logged; the
+    run finishes (exit 0) with finite weights."""
+    import shutil
+    data = tmp_path / 'tv'
+    shutil.copytree(os.path.join(data_dir, 'train'), data / 'train')
+    shutil.copytree(os.path.join(data_dir, 'train'), data / 'val')
+    real, calls = models.encoder_factory, []
+
+    def factory(*a, **k):
+        build = real(*a, **k)
+
+        def build_overflowing(**kw):
+            model = build(**kw)
+            forward = model.forward
+
+            def overflowing(x):
+                out = forward(x)
+                if model.training:
+                    calls.append(1)
+                    if len(calls) == 2:
+                        return out * float('inf')
+                return out
+            model.forward = overflowing
+            return model
+        return build_overflowing
+    monkeypatch.setattr(models, 'encoder_factory', factory)
+    out = tmp_path / 'ft'
+    rc, err = _main(main_finetune.main, [data, '-a', 'vit_small', '--vit-patch-size', 8, '--vit-embed-dim', 32,
+                                         '--vit-depth', 1, '--vit-num-heads', 2, '--img-size', 32, '-b', 8, '--epochs',
+                                         1, '-j', 0, '--amp', '--no-vdl', '--aa', 'none', '--reprob', 0, '--mixup', 0,
+                                         '--cutmix', 0, '--output-dir', out], capsys)
+    assert rc == 0, err
+    assert len(calls) == 3
+    assert [(r['global_step'], r['skipped_in_a_row'], r['skipped_total']) for r in _records(out, 'amp_skip')] == \
+        [(1, 1, 1)]
+    from paddle_impl import io as pio
+    ck = pio.load_checkpoint(str(out / 'checkpoint.pdparams'))
+    assert all(np.isfinite(v).all() for v in ck['model'].values())

@@ -62,7 +62,7 @@ def make_pretrain(path, arch='vit_small', img_size=32, vit=TINY_VIT, seed=0):
 
 
 def run_cli(module, args, timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS='2', MKL_DEBUG_CPU_TYPE='5')
+    env = dict(os.environ, OMP_NUM_THREADS='2')
     return subprocess.run([sys.executable, '-m', module] + [str(a) for a in args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -334,3 +334,55 @@ def test_resume_continues_exactly(world, tmp_path):
     cb = pio.load_checkpoint(str(tmp_path / 'b' / 'checkpoint.pdparams'))
     va, vb = ca['optimizer']['accumulators']['velocity'], cb['optimizer']['accumulators']['velocity']
     assert all(np.array_equal(va[k], vb[k]) for k in va) and ca['best_acc1'] == cb['best_acc1']
+
+
+def test_official_sgd_state_restored_or_told_why(tmp_path):
+    """--resume of an official linear file: its SGD momentum buffers are restored into main_lincls' SGD; when its
+    optimizer state cannot be used, one warning line says why (no exception swallowed in silence)."""
+    import copy
+    torch.manual_seed(0)
+    enc = tm.encoder_factory('vit_small', img_size=32)(num_classes=3)  # official files name known archs only
+    tl.prepare_linear_classifier(enc, 'vit_small')
+    opt, _ = tl.build_optimizer(enc, 3.0, 8)
+    tl.train([(torch.randn(2, 3, 32, 32), torch.tensor([0, 2]))], enc, torch.nn.CrossEntropyLoss(), opt)
+    sd = {'module.' + k: v for k, v in enc.state_dict().items()}
+    bad_opt = copy.deepcopy(opt.state_dict())
+    bad_opt['state'] = {0: {'momentum_buffer': torch.zeros(7)}}  # a buffer of the wrong shape for head.weight
+    files = {}
+    for name, o in (('good', opt.state_dict()), ('bad', bad_opt), ('none', None)):
+        files[name] = tmp_path / f'linear-{name}.pth.tar'
+        torch.save({'epoch': 90, 'arch': 'vit_small', 'state_dict': sd, 'best_acc1': 10.0,
+                    **({'optimizer': o} if o is not None else {})}, files[name])
+
+    class Log:
+        lines = []
+
+        def warning(self, msg):
+            self.lines.append(msg)
+
+    def fresh_sgd():
+        model = ml.build_classifier('vit_small', 3, 32)
+        return ml.SGD([(n, p) for n, p in model.named_parameters() if not p.stop_gradient], 0.1)
+
+    _, meta = ml.read_resume(str(files['good']))
+    sgd, log = fresh_sgd(), Log()
+    assert ml.restore_sgd_state(sgd, meta, files['good'], log) is True and log.lines == []
+    np.testing.assert_array_equal(sgd.buffers['head.weight'].numpy(),
+                                  opt.state[enc.head.weight]['momentum_buffer'].numpy().T)
+    np.testing.assert_array_equal(sgd.buffers['head.bias'].numpy(), opt.state[enc.head.bias]['momentum_buffer'].numpy())
+    for name in ('bad', 'none'):
+        log.lines = []
+        try:
+            _, meta = ml.read_resume(str(files[name]))
+        except ml.RunError as e:  # refusing the file with one line is telling why, too
+            assert str(files[name]) in str(e) and '\n' not in str(e)
+            continue
+        sgd = fresh_sgd()
+        try:
+            if ml.restore_sgd_state(sgd, meta, files[name], log):
+                raise AssertionError(f'{name}: a state that does not fit was restored')
+        except ml.RunError as e:  # a state that does not fit: exit 2 with one line naming the file
+            assert str(files[name]) in str(e) and '\n' not in str(e)
+            continue
+        assert len(log.lines) == 1 and 'the SGD state is not restored (' in log.lines[0], log.lines
+        assert meta['optimizer_note'] and meta['optimizer_note'] in log.lines[0] and sgd.buffers == {}
