@@ -236,3 +236,46 @@ def test_sync_bn_uses_ours_on_cpu_and_when_asked(monkeypatch):
     assert not utils.use_sync_kernel(paddle.ones([2, 3]))  # a CPU tensor: Paddle has no CPU sync kernel
     monkeypatch.setenv('MOCO_SYNC_BN', 'ours')
     assert not utils.use_sync_kernel()
+
+
+# ------------------------------------------------------------------------------- TF32 and --device gpu
+
+def test_tf32_off_sets_every_switch(monkeypatch):
+    from parity import gpu_mode
+    calls = []
+    monkeypatch.setattr(paddle.base.core, 'set_cublas_switch', lambda on: calls.append(('cublas', on)),
+                        raising=False)
+    monkeypatch.setattr(paddle.base.core, 'set_cudnn_switch', lambda on: calls.append(('cudnn', on)),
+                        raising=False)
+    monkeypatch.delenv('NVIDIA_TF32_OVERRIDE', raising=False)
+    done = gpu_mode.tf32_off()
+    assert calls == [('cublas', False), ('cudnn', False)]
+    assert __import__('os').environ['NVIDIA_TF32_OVERRIDE'] == '0'
+    assert done[:3] == ['NVIDIA_TF32_OVERRIDE=0', 'paddle.base.core.set_cublas_switch(False)',
+                        'paddle.base.core.set_cudnn_switch(False)']
+
+
+def test_device_gpu_on_a_cpu_build_is_one_line(capsys):
+    from parity import gpu_mode
+    if paddle.device.is_compiled_with_cuda():
+        pytest.skip('a CUDA build of Paddle: the refusal is for CPU builds')
+    argv, rc = gpu_mode.setup(['--device', 'gpu', '--arch', 'vit_small'])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith('error: --device gpu: ') and 'CPU build' in err[0]
+
+
+def test_paddle_ops_flag_is_taken_out_and_said(capsys):
+    from parity import gpu_mode
+    from paddle_impl import cpu_kernels, layers
+    before = layers.set_fast_layers(None)
+    kernels_state = dict(cpu_kernels._state)
+    try:
+        argv, rc = gpu_mode.setup(['--paddle-ops', '--arch', 'resnet50'])
+        assert rc is None and argv == ['--arch', 'resnet50'] and not layers.fast_layers_enabled()
+        assert 'MOCO_CPU_KERNELS=0 and MOCO_FAST_LAYERS=0' in capsys.readouterr().out
+    finally:
+        import os
+        for k in gpu_mode.paddle_ops_env():
+            os.environ.pop(k, None)
+        layers.set_fast_layers(before)
+        cpu_kernels._state.update(kernels_state)  # what setup() switched off for the rest of the process
