@@ -599,8 +599,12 @@ def machine_facts():
     return m.as_json(m.apply())
 
 
-def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print, allocator='tuned'):
+def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print, allocator='tuned', reps=None):
     skey = 'quick' if quick else device
+    if reps:
+        if reps < 1:
+            raise RuntimeError(f'--reps must be at least 1, got {reps}')
+        SIZES[skey] = dict(SIZES[skey], reps=reps, warmup=min(SIZES[skey]['warmup'], 1))
     size = SIZES[skey]
     env = dict(os.environ)
     if threads:
@@ -677,6 +681,8 @@ def main(argv=None):
     p.add_argument('--device', default='cpu', choices=('cpu', 'gpu'))
     p.add_argument('--out', default=None, help='write the results as JSON here (e.g. bench/results.json)')
     p.add_argument('--models', default=','.join(MODELS), help='comma-separated, from: ' + ', '.join(MODELS))
+    p.add_argument('--reps', type=int, default=None,
+                   help='timed repetitions per step item (default 7 on the CPU; fewer on a busy machine)')
     p.add_argument('--threads', type=int, default=None,
                    help='OMP_NUM_THREADS of the GEMM and training-step workers (default: inherited; '
                         'paddle_impl sets all cores)')
@@ -694,7 +700,7 @@ def main(argv=None):
         if m not in MODELS:
             p.error(f"unknown model '{m}'; known: {', '.join(MODELS)}")
     try:
-        results = run(args.quick, args.device, models, args.threads, allocator=args.allocator)
+        results = run(args.quick, args.device, models, args.threads, allocator=args.allocator, reps=args.reps)
     except RuntimeError as e:
         print(f'bench failed: {e}', file=sys.stderr)
         return 1

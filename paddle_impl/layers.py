@@ -81,11 +81,13 @@ def kernel_stores_unbiased(x, stat_dtype, data_format='NCHW', kernel=None, world
         (kernel or _bn_kernel)(xp, rm, rv, w, b, 0.5, 1e-5, data_format)
         stored = 2.0 * float(rv.astype('float64').mean())
     biased, unbiased = 2.0 / n, 2.0 * world / (n * world - 1)
-    if not math.isfinite(stored) or abs(stored - biased) > 0.25 * biased:
-        if abs(stored - unbiased) > 0.25 * unbiased:
-            raise RuntimeError(f'BatchNorm probe: the kernel on {x.place} ({x.dtype}, input {shape}) stored a '
-                               f'batch variance of {stored:.6g} for a batch whose variance is {biased:.6g} '
-                               f'(biased) / {unbiased:.6g} (unbiased): cannot restore torch\'s running variance')
+
+    def near(ref):
+        return math.isfinite(stored) and abs(stored - ref) <= 0.25 * ref
+    if not (near(biased) or near(unbiased)):
+        raise RuntimeError(f'BatchNorm probe: the kernel on {x.place} ({x.dtype}, input {shape}) stored a '
+                           f'batch variance of {stored:.6g} for a batch whose variance is {biased:.6g} '
+                           f'(biased) / {unbiased:.6g} (unbiased): cannot restore torch\'s running variance')
     answer = abs(stored - unbiased) < abs(stored - biased)
     _KERNEL_STORES_UNBIASED[key] = answer
     return answer

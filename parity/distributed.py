@@ -63,7 +63,7 @@ BN_STATS_PADDLE = ('._mean', '._variance')
 
 def _env(threads=1, **extra):
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_DEBUG_CPU_TYPE='5', PYTHONPATH=REPO)
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=REPO)
     for k in ('MOCO_DEBUG_NAN_AT_STEP', 'PADDLE_TRAINERS_NUM', 'PADDLE_TRAINER_ID', 'PADDLE_MASTER',
               'PADDLE_TRAINER_ENDPOINTS', 'PADDLE_CURRENT_ENDPOINT'):
         env.pop(k, None)

@@ -150,3 +150,81 @@ def apply(paddle_ops=False, device='cpu'):
         notes.append("paddle ops: MOCO_CPU_KERNELS=0 and MOCO_FAST_LAYERS=0: every layer runs Paddle's own ops "
                      '(the op set a GPU runs)')
     return notes
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue 18 point 7, the evidence: how many operators one training-mode synchronised BN launches (forward +
+# backward), ours (utils.SyncBatchNormMixin's formula) against a fused BN kernel (what Paddle's GPU
+# sync_batch_norm is: one forward op with the all-reduce inside, one fused grad op). Counted on the CPU with
+# Paddle's profiler, in a mocked two-process world (the all-reduce of a sum replaced by x + x, one op standing
+# for the NCCL call). `python -m parity.gpu_mode --count-sync-bn-ops`
+
+def _profile_ops(fn):
+    import collections
+    import tempfile
+
+    import paddle.profiler as profiler
+    fn()  # warm-up: probes and lazy initialisation are not counted
+    with tempfile.TemporaryDirectory() as d:
+        p = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU],
+                              on_trace_ready=profiler.export_chrome_tracing(d))
+        p.start()
+        fn()
+        p.stop()
+    counts = collections.Counter()
+
+    def walk(node):
+        if node.type == profiler.TracerEventType.Operator:
+            counts[node.name.replace(' dygraph', '')] += 1
+        for c in node.children_node:
+            walk(c)
+    for root in p.profiler_result.get_data().values():
+        walk(root)
+    return counts
+
+
+def sync_bn_op_counts(shape=(8, 64, 28, 28)):
+    """{'ours': Counter, 'fused': Counter} of the operators of one BN forward + backward on ``shape``
+    (float32), the leaves' gradient accumulation left out (the same for both)."""
+    import paddle
+
+    from paddle_impl import layers, utils
+    saved = utils.world_size, utils.all_reduce_sum
+    utils.world_size = lambda: 2
+    utils.all_reduce_sum = lambda x, group=None: x + x
+    try:
+        paddle.seed(0)
+        x = paddle.randn(list(shape))
+        x.stop_gradient = False
+        dy = paddle.randn(list(shape))
+        ours = layers.BatchNorm2D(shape[1])
+        utils.convert_sync_batchnorm(ours, group=object())
+        fused = layers.BatchNorm2D(shape[1])
+        ours.train()
+        fused.train()
+
+        def run_ours():
+            paddle.autograd.backward([ours(x)], [dy])
+
+        def run_fused():
+            y = layers._bn_kernel(x, fused._mean, fused._variance, fused.weight, fused.bias, fused._momentum,
+                                  fused._epsilon, 'NCHW')
+            paddle.autograd.backward([y], [dy])
+        out = {'ours': _profile_ops(run_ours), 'fused': _profile_ops(run_fused)}
+    finally:
+        utils.world_size, utils.all_reduce_sum = saved
+    for c in out.values():
+        c.pop('Global_GradNodeAccumulation', None)
+    return out
+
+
+if __name__ == '__main__':
+    if sys.argv[1:] == ['--count-sync-bn-ops']:
+        import paddle_impl
+        paddle_impl.import_paddle_quietly()
+        res = sync_bn_op_counts()
+        for k, c in res.items():
+            print(f'{k}: {sum(c.values())} operators (forward + backward): {dict(sorted(c.items()))}')
+    else:
+        print('usage: python -m parity.gpu_mode --count-sync-bn-ops', file=sys.stderr)
+        sys.exit(2)

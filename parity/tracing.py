@@ -59,7 +59,8 @@ class TraceRow:
     state_worst: str = ''
     in_ok: bool = True          # the module's input agreed
     fwd_ok: bool = True
-    bwd_ok: bool = True
+    bwd_ok: bool = True         # output gradient and own parameter gradients
+    bwd_out_ok: bool = True     # output gradient alone
     state_ok: bool = True
     note: str = ''
 
@@ -235,6 +236,7 @@ def compare_calls(tside, pside, tol_f, tol_b, tol_s, atol, pgrads=None, states=N
             row.in_ok = _cmp(pc.inp, c.inp, tol_f, atol)[2]
         if c.grad is not None or pc.grad is not None:
             row.bwd_rel, row.bwd_abs, row.bwd_ok = _cmp(pc.grad, c.grad, tol_b, atol)
+            row.bwd_out_ok = row.bwd_ok
             if c.grad is None or pc.grad is None:
                 row.note = 'gradient on one side only'
         if c.index == 0 and c.path in pg:
@@ -243,12 +245,27 @@ def compare_calls(tside, pside, tol_f, tol_b, tol_s, atol, pgrads=None, states=N
         if c.index == 0 and c.path in st:
             row.state_rel, row.state_worst, row.state_ok = st[c.path]
         rows.append(row)
-    first = _first_divergence(rows, paths)
+    first = _first_divergence(rows, paths, [c for c in tside.calls if (c.path, c.index) in pcalls])
     ran_one = sorted(f'{p}#{i}' for p, i in (tkeys ^ set(pcalls)))
     return rows, first, ran_one
 
 
-def _first_divergence(rows, paths):
+def _consumer(rows, tcalls, i):
+    """The index of the module call that consumed row i's output: the next call (completion order) that
+    is not an ancestor and whose recorded torch input equals row i's torch output."""
+    out = tcalls[i].out
+    if out is None:
+        return None
+    for j in range(i + 1, len(rows)):
+        if rows[i].path.startswith(rows[j].path + '.') or rows[j].path == '':
+            continue
+        inp = tcalls[j].inp
+        if inp is not None and inp.shape == out.shape and np.array_equal(inp, out):
+            return j
+    return None
+
+
+def _first_divergence(rows, paths, tcalls):
     by_key = {(r.path, r.call): r for r in rows}
     for r in rows:  # 1. forward, completion order
         if r.fwd_ok:
@@ -265,13 +282,21 @@ def _first_divergence(rows, paths):
                 why = 'its input already differed (no enclosing module with an agreeing input)'
         return {'path': origin.path, 'call': origin.call, 'type': origin.type, 'kind': 'forward',
                 'rel': origin.fwd_rel, 'detail': why}
-    for r in reversed(rows):  # 2. backward, backward order
-        if not r.bwd_ok:
-            what = (f'gradient of its parameter {r.pgrad_worst}' if r.pgrad_rel is not None
-                    and r.pgrad_worst and not math.isnan(r.pgrad_rel) and (r.bwd_rel is None or r.bwd_ok is False)
-                    else 'gradient arriving at its output')
-            return {'path': r.path, 'call': r.call, 'type': r.type, 'kind': 'backward',
-                    'rel': r.bwd_rel if r.bwd_rel is not None else r.pgrad_rel, 'detail': what}
+    for i in range(len(rows) - 1, -1, -1):  # 2. backward, backward order
+        r = rows[i]
+        if r.bwd_ok:
+            continue
+        if r.bwd_out_ok:  # the gradient arriving here agrees: this module's own backward is wrong
+            return {'path': r.path, 'call': r.call, 'type': r.type, 'kind': 'backward', 'rel': r.pgrad_rel,
+                    'detail': f'gradient of its parameter {r.pgrad_worst}; the gradient arriving at its output agrees'}
+        c = _consumer(rows, tcalls, i)
+        if c is not None and rows[c].bwd_rel is not None and rows[c].bwd_out_ok:
+            rc = rows[c]
+            return {'path': rc.path, 'call': rc.call, 'type': rc.type, 'kind': 'backward', 'rel': r.bwd_rel,
+                    'detail': f'the gradient it passes back to its input ({r.path or "(model)"} output) leaves '
+                              f'tolerance while the gradient arriving at its own output agrees'}
+        return {'path': r.path, 'call': r.call, 'type': r.type, 'kind': 'backward', 'rel': r.bwd_rel,
+                'detail': 'gradient arriving at its output (the module consuming it not identified)'}
     for r in rows:  # 3. state after the step
         if not r.state_ok:
             return {'path': r.path, 'call': r.call, 'type': r.type, 'kind': 'state', 'rel': r.state_rel,
@@ -296,11 +321,19 @@ def format_trace(res, max_rows=None, context=4):
     lines += [head, '-' * len(head)]
     rows = res.rows
     fk = (res.first['path'], res.first['call']) if res.first else None
-    stop = len(rows)
+    stop, shown = len(rows), list(range(len(rows)))
     if max_rows is not None and fk is not None:
         idx = next((i for i, r in enumerate(rows) if (r.path, r.call) == fk), len(rows) - 1)
         stop = min(len(rows), max(idx + 1 + context, max_rows))
-    for r in rows[:stop]:
+        shown = list(range(stop))
+        if stop > max_rows:  # the head of the table, then the rows leading to the first divergence
+            head_n = max(max_rows // 4, 1)
+            shown = list(range(head_n)) + [None] + list(range(max(head_n, stop - (max_rows - head_n)), stop))
+    for i in shown:
+        if i is None:
+            lines.append('...')
+            continue
+        r = rows[i]
         bad = not (r.fwd_ok and r.bwd_ok and r.state_ok)
         mark = '  << FIRST DIVERGENCE' if (r.path, r.call) == fk else ('  !' if bad else '')
         name = (r.path or '(model)') + (f' #{r.call}' if r.call else '')
@@ -466,6 +499,9 @@ def trace(torch_module, paddle_layer, inputs, key_map=None, loss_fn=None, module
         tloss, ploss = loss_fn
     else:
         tloss = ploss = loss_fn
+    for p in torch_module.parameters():  # every trace starts without gradients
+        p.grad = None
+    paddle_layer.clear_gradients(set_to_zero=False)
     tr = Tracer(torch_module, paddle_layer, dtype, _invert(module_map), state_map)
     try:
         tr.reset()

@@ -258,6 +258,9 @@ def test_module_entry_point_one_line(runs):
 
 GUARD = textwrap.dedent('''
     import json, os, subprocess, sys
+    # the libraries are imported first: importing Paddle itself runs `ldd --version` through a shell
+    import onnxruntime, paddle, paddle.inference, paddle2onnx, torch  # noqa
+    import convert.export, paddle_impl, torch_ref.models  # noqa
     calls = []
 
     def refuse(name):
@@ -276,7 +279,6 @@ GUARD = textwrap.dedent('''
     calls.clear()
     # planted: paddle2onnx's default post-pass (polygraphy) asks for a pip install; caught by the same guard
     os.environ['POLYGRAPHY_INSTALL_CMD'] = 'false'  # even if a call slipped through, it would run `false`
-    import paddle2onnx
     paddle2onnx.export(sys.argv[2] + '.json', sys.argv[2] + '.pdiparams', save_file=sys.argv[2] + '-p.onnx',
                        opset_version=17, optimize_tool='polygraphy')
     print(json.dumps({'ours': ours, 'planted': list(calls)}))
@@ -284,8 +286,9 @@ GUARD = textwrap.dedent('''
 
 
 def test_export_starts_no_subprocess_and_installs_nothing(runs):
-    """The whole export (--format both --verify) runs with every way of starting a process refused; the same
-    guard catches paddle2onnx's own default pass asking pip for onnx_graphsurgeon (so the check can fail)."""
+    """The whole export (--format both --verify) runs with every way of starting a process refused (after the
+    libraries are imported); the same guard catches paddle2onnx's own default pass asking pip for
+    onnx_graphsurgeon (so the check can fail)."""
     prefix = runs['root'] / 'guarded'
     # MOCO_CPU_KERNELS=0: our CPU kernels are compiled on first use (a compiler process, by design); the
     # export itself must start nothing

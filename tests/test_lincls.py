@@ -62,7 +62,7 @@ def make_pretrain(path, arch='vit_small', img_size=32, vit=TINY_VIT, seed=0):
 
 
 def run_cli(module, args, timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS='2', MKL_DEBUG_CPU_TYPE='5')
+    env = dict(os.environ, OMP_NUM_THREADS='2')
     return subprocess.run([sys.executable, '-m', module] + [str(a) for a in args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -153,7 +153,7 @@ def _same(a, b, where='ckpt'):
 
 
 def _run(module, args):
-    env = dict(os.environ, OMP_NUM_THREADS='2', MKL_DEBUG_CPU_TYPE='5', PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS='2', PYTHONPATH=REPO)
     r = subprocess.run([sys.executable, '-m', module, *[str(a) for a in args]], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
