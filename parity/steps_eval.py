@@ -62,12 +62,13 @@ def _float64():
         paddle.set_default_dtype(old)
 
 
-def build_pair(arch, num_classes, img_size, vit_kwargs, seed=0):
+def build_pair(arch, num_classes, img_size, vit_kwargs, seed=0, paddle_kwargs=None):
     """A torch_ref classifier (seeded, float64) and a paddle_impl twin holding the same weights."""
     torch.manual_seed(seed)
     tmodel = tm.encoder_factory(arch, img_size=img_size, **vit_kwargs)(num_classes=num_classes).double()
     with _float64():
-        pmodel = pm.encoder_factory(arch, img_size=img_size, **vit_kwargs)(num_classes=num_classes)
+        pmodel = pm.encoder_factory(arch, img_size=img_size, **vit_kwargs, **(paddle_kwargs or {}))(
+            num_classes=num_classes)
     torch_to_paddle_model(tmodel, pmodel)
     return tmodel, pmodel
 
@@ -167,7 +168,8 @@ def run_finetune_steps(arch='vit_small', steps=6, steps_per_epoch=2, batch=4, im
                        seed=0):
     """K steps of DeiT fine-tuning on both sides (pos_embed trained, as DeiT); returns the compare rows."""
     vit_kwargs = dict(TINY_VIT if vit_kwargs is None and arch in pm.VIT_ARCHS else (vit_kwargs or {}))
-    tmodel, pmodel = build_pair(arch, num_classes, img_size, vit_kwargs, seed)
+    tmodel, pmodel = build_pair(arch, num_classes, img_size, vit_kwargs, seed,
+                                {'pos_embed_dtype': None} if arch in pm.VIT_ARCHS else None)
     if arch in pm.VIT_ARCHS:  # DeiT trains the position embedding (main_finetune's default)
         tmodel.pos_embed.requires_grad = True
         pmodel.pos_embed.stop_gradient = False
