@@ -212,6 +212,7 @@ def build_model(s, args):
     extra = dict(s.vit_kwargs)
     if args.arch in models.VIT_ARCHS:
         extra['drop_path_rate'] = args.drop_path
+        extra['pos_embed_dtype'] = None  # DeiT's timm ViT: a learned pos_embed in the default dtype
     elif args.drop_path:
         s.logger.info(f'--drop-path {args.drop_path} applies to the ViTs only; {args.arch} has none')
     try:

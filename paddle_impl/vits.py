@@ -177,7 +177,7 @@ class Block(nn.Layer):
 class VisionTransformerMoCo(nn.Layer):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4., qkv_bias=True, drop_path_rate=0., embed_layer=PatchEmbed,
-                 stop_grad_conv1=False):
+                 stop_grad_conv1=False, pos_embed_dtype='float32'):
         super().__init__()
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
@@ -188,8 +188,10 @@ class VisionTransformerMoCo(nn.Layer):
         h, w = self.patch_embed.grid_size
         pe = build_2d_sincos_position_embedding(h, w, embed_dim)
         # float32 in every dtype mode, as the official vits.py builds it (explicit float32 even under a float64
-        # default dtype; its momentum update then rounds this tensor in float32): dtype fidelity to the original
-        self.pos_embed = self.create_parameter(pe.shape, dtype='float32',
+        # default dtype; its momentum update then rounds this tensor in float32): dtype fidelity to the original.
+        # pos_embed_dtype=None: the default dtype, as in fine-tuning's reference (DeiT's timm ViT, whose
+        # pos_embed is a learned parameter created in the default dtype)
+        self.pos_embed = self.create_parameter(pe.shape, dtype=pos_embed_dtype or paddle.get_default_dtype(),
                                                default_initializer=nn.initializer.Assign(pe.numpy()))
         self.pos_embed.stop_gradient = True  # fixed, not trained
         dpr = [float(x) for x in paddle.linspace(0, drop_path_rate, depth).numpy()] if depth > 1 else [drop_path_rate]

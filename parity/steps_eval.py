@@ -62,12 +62,13 @@ def _float64():
         paddle.set_default_dtype(old)
 
 
-def build_pair(arch, num_classes, img_size, vit_kwargs, seed=0):
+def build_pair(arch, num_classes, img_size, vit_kwargs, seed=0, paddle_kwargs=None):
     """A torch_ref classifier (seeded, float64) and a paddle_impl twin holding the same weights."""
     torch.manual_seed(seed)
     tmodel = tm.encoder_factory(arch, img_size=img_size, **vit_kwargs)(num_classes=num_classes).double()
     with _float64():
-        pmodel = pm.encoder_factory(arch, img_size=img_size, **vit_kwargs)(num_classes=num_classes)
+        pmodel = pm.encoder_factory(arch, img_size=img_size, **vit_kwargs, **(paddle_kwargs or {}))(
+            num_classes=num_classes)
     torch_to_paddle_model(tmodel, pmodel)
     return tmodel, pmodel
 
@@ -165,12 +166,13 @@ def run_lincls_steps(arch='vit_small', steps=6, steps_per_epoch=2, batch=4, img_
 def run_finetune_steps(arch='vit_small', steps=6, steps_per_epoch=2, batch=4, img_size=32, num_classes=5,
                        lr=5e-4 * 1024 / 512, weight_decay=0.05, smoothing=0.1, warmup_epochs=1, vit_kwargs=None,
                        seed=0):
-    """K steps of DeiT fine-tuning on both sides; returns the compare rows."""
+    """K steps of DeiT fine-tuning on both sides (pos_embed trained, as DeiT); returns the compare rows."""
     vit_kwargs = dict(TINY_VIT if vit_kwargs is None and arch in pm.VIT_ARCHS else (vit_kwargs or {}))
-    tmodel, pmodel = build_pair(arch, num_classes, img_size, vit_kwargs, seed)
-    # pos_embed stays frozen here (main_finetune --fixed-pos-embed): both twins keep it float32 as the original
-    # vits.py does, and Paddle's fused AdamW takes one dtype per optimizer (its float64 lr cannot update a float32
-    # tensor); in a float32 run, the product's default, it is trained like any other parameter
+    tmodel, pmodel = build_pair(arch, num_classes, img_size, vit_kwargs, seed,
+                                {'pos_embed_dtype': None} if arch in pm.VIT_ARCHS else None)
+    if arch in pm.VIT_ARCHS:  # DeiT trains the position embedding (main_finetune's default)
+        tmodel.pos_embed.requires_grad = True
+        pmodel.pos_embed.stop_gradient = False
     data = batches(steps, batch, img_size, num_classes, seed + 1)
     epochs = -(-steps // steps_per_epoch)
     sched = dict(epochs=epochs, warmup_epochs=warmup_epochs, warmup_lr=1e-6, min_lr=1e-5)
