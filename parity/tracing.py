@@ -246,7 +246,8 @@ def compare_calls(tside, pside, tol_f, tol_b, tol_s, atol, pgrads=None, states=N
             row.state_rel, row.state_worst, row.state_ok = st[c.path]
         rows.append(row)
     first = _first_divergence(rows, paths, [c for c in tside.calls if (c.path, c.index) in pcalls])
-    ran_one = sorted(f'{p}#{i}' for p, i in (tkeys ^ set(pcalls)))
+    both = set(tside.paths.values()) & set(pside.paths.values())  # modules without counterpart are listed apart
+    ran_one = sorted(f'{p}#{i}' for p, i in (tkeys ^ set(pcalls)) if p in both)
     return rows, first, ran_one
 
 
