@@ -599,7 +599,8 @@ def machine_facts():
     return m.as_json(m.apply())
 
 
-def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print, allocator='tuned', reps=None):
+def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print, allocator='tuned', reps=None,
+        inference=True):
     skey = 'quick' if quick else device
     if reps:
         if reps < 1:
@@ -636,6 +637,11 @@ def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print
                 [results[f'step_time_{name}'], results[f'step_time_{name}_glibc_default']])
             log(f'{name}: each at its best setting: ratio {results[f"step_time_{name}_best"]["ratio"]:.3f} '
                 f'({results[f"step_time_{name}_best"]["setting"]})')
+    if inference and device == 'cpu':  # latency per image of the exported backbone, five engines (bench/inference.py)
+        from bench import inference as inf
+        log('inference latency: eager Paddle, Paddle Inference (+/- oneDNN), onnxruntime, eager torch')
+        results['inference_latency'] = inf.run(reps=1 if quick else 5, img_size=32 if quick else 224,
+                                               vit_kwargs={'depth': 2} if quick else None)
     machine['load_average'] = {'start': load_before,
                                'end': os.getloadavg() if hasattr(os, 'getloadavg') else None}
     results['machine'] = machine
@@ -689,6 +695,8 @@ def main(argv=None):
     p.add_argument('--allocator', default='tuned', choices=('tuned', 'default', 'both'),
                    help="glibc malloc settings of both frameworks' workers: 'tuned' (paddle_impl.MALLOC_ENV: "
                         "freed memory is kept for reuse), 'default' (glibc's), 'both' (the steps with each)")
+    p.add_argument('--no-inference', action='store_true',
+                   help='skip the inference-latency item (bench/inference.py: exported backbone, five engines)')
     p.add_argument('--worker', choices=FRAMEWORKS, help=argparse.SUPPRESS)
     p.add_argument('--worker-role', default='model', choices=('model', 'aug'), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -700,11 +708,16 @@ def main(argv=None):
         if m not in MODELS:
             p.error(f"unknown model '{m}'; known: {', '.join(MODELS)}")
     try:
-        results = run(args.quick, args.device, models, args.threads, allocator=args.allocator, reps=args.reps)
+        results = run(args.quick, args.device, models, args.threads, allocator=args.allocator, reps=args.reps,
+                      inference=not args.no_inference)
     except RuntimeError as e:
         print(f'bench failed: {e}', file=sys.stderr)
         return 1
     print(format_table(results))
+    if 'inference_latency' in results:
+        lat = results['inference_latency']['latency_ms_per_image']
+        print('inference latency, ms per image (batch 1 / 32): ' + '; '.join(
+            f"{k} {v.get('1', float('nan')):.1f} / {v.get('32', float('nan')):.1f}" for k, v in lat.items()))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         tmp = args.out + '.tmp'
