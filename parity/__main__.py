@@ -115,47 +115,53 @@ def main(argv=None):
     from parity import scenarios
     from parity.compare import format_table, to_json
 
-    dtypes = ['float64', 'float32'] if args.dtype == 'both' else [args.dtype]
     all_rows, failed = [], 0
-    for arch in archs:
-        vit_kw = _vit_kw(args, arch)
-        img = args.img_size or 2 * _patch(arch)
-        for dtype in dtypes:
-            t0 = time.time()
-            ref = 'the original code' if official else 'torch_ref'
-            if args.steps:
-                from parity.steps import run_steps
-                opt = args.optimizer or ('lars' if arch == 'resnet50' else 'adamw')
-                kw = dict(steps=args.steps, dtype=dtype, img_size=img, batch=args.batch, dim=args.dim,
-                          mlp_dim=args.mlp_dim, seed=args.seed)
-                if official:
-                    kw['pair'] = _pair(args, arch, dtype, img, official, vit_kw, T=1.0)
-                    kw['torch_optimizer'] = _official_opt(official)
-                rows = run_steps(arch, opt, **kw, **vit_kw)
-                title = f'{arch} {dtype}: {args.steps} training steps, {opt}, against {ref}'
-            else:
-                pair = _pair(args, arch, dtype, img, official, vit_kw)
-                rows = scenarios.run_forward_backward(arch, dtype, img, args.batch, args.dim, args.mlp_dim,
-                                                      args.moco_t, args.moco_m, args.seed, pair=pair, **vit_kw)
-                rows += _dtype_rows(pair, ref)
-                if arch in VIT_ARCHS and dtype == dtypes[0] and not official:
-                    rows += scenarios.pos_embed_rows(arch)
-                if not args.no_init and dtype == dtypes[0] and not official:
-                    rows += scenarios.init_rows(arch, img, args.dim, args.mlp_dim, args.seed, **vit_kw)
-                title = (f'{arch} {dtype}: img {img}, batch {args.batch}, dim {args.dim}, mlp_dim {args.mlp_dim}, '
-                         f'against {ref}')
-            if 'depth' in vit_kw:
-                title += f', depth {vit_kw["depth"]} (reduced)'
-            for r in rows:
-                r.detail = {'arch': arch, 'dtype': dtype, 'title': title}
-            print(format_table(rows, f'\n== {title}  ({time.time() - t0:.1f} s)'), flush=True)
-            failed += sum(not r.passed for r in rows)
-            all_rows += rows
+    ref = 'the original code' if official else 'torch_ref'
+    for arch, dtype, first, vit_kw, img, opt in _cases(args, archs):
+        t0 = time.time()
+        if args.steps:
+            from parity.steps import run_steps
+            kw = dict(steps=args.steps, dtype=dtype, img_size=img, batch=args.batch, dim=args.dim,
+                      mlp_dim=args.mlp_dim, seed=args.seed)
+            if official:
+                kw['pair'] = _pair(args, arch, dtype, img, official, vit_kw, T=1.0)
+                kw['torch_optimizer'] = _official_opt(official)
+            rows = run_steps(arch, opt, **kw, **vit_kw)
+            title = f'{arch} {dtype}: {args.steps} training steps, {opt}, against {ref}'
+        else:
+            pair = _pair(args, arch, dtype, img, official, vit_kw)
+            rows = scenarios.run_forward_backward(arch, dtype, img, args.batch, args.dim, args.mlp_dim,
+                                                  args.moco_t, args.moco_m, args.seed, pair=pair, **vit_kw)
+            rows += _dtype_rows(pair, ref)
+            if arch in VIT_ARCHS and first and not official:
+                rows += scenarios.pos_embed_rows(arch)
+            if not args.no_init and first and not official:
+                rows += scenarios.init_rows(arch, img, args.dim, args.mlp_dim, args.seed, **vit_kw)
+            title = (f'{arch} {dtype}: img {img}, batch {args.batch}, dim {args.dim}, mlp_dim {args.mlp_dim}, '
+                     f'against {ref}')
+        if 'depth' in vit_kw:
+            title += f', depth {vit_kw["depth"]} (reduced)'
+        for r in rows:
+            r.detail = {'arch': arch, 'dtype': dtype, 'title': title}
+        print(format_table(rows, f'\n== {title}  ({time.time() - t0:.1f} s)'), flush=True)
+        failed += sum(not r.passed for r in rows)
+        all_rows += rows
     if args.json:
         to_json(all_rows, args.json, meta=vars(args))
     n = len(all_rows)
     print(f'\n{n - failed} passed, {failed} failed')
     return 1 if failed else 0
+
+
+def _cases(args, archs):
+    """(arch, dtype, first dtype of the arch?, ViT kwargs, image size, optimizer) of every run asked for."""
+    dtypes = ['float64', 'float32'] if args.dtype == 'both' else [args.dtype]
+    for arch in archs:
+        vit_kw = _vit_kw(args, arch)
+        img = args.img_size or 2 * _patch(arch)
+        opt = args.optimizer or ('lars' if arch == 'resnet50' else 'adamw')
+        for dtype in dtypes:
+            yield arch, dtype, dtype == dtypes[0], vit_kw, img, opt
 
 
 def _vit_kw(args, arch):
@@ -190,30 +196,25 @@ def run_trace(args, archs, official):
     import json
 
     from parity import tracing
-    dtypes = ['float64', 'float32'] if args.dtype == 'both' else [args.dtype]
     out, failed = [], 0
-    for arch in archs:
-        vit_kw = _vit_kw(args, arch)
-        img = args.img_size or 2 * _patch(arch)
-        for dtype in dtypes:
-            t0 = time.time()
-            ref = 'the original code' if official else 'torch_ref'
-            if args.steps:
-                opt = args.optimizer or ('lars' if arch == 'resnet50' else 'adamw')
-                pair = _pair(args, arch, dtype, img, official, vit_kw, T=1.0)
-                res = tracing.trace_moco_steps(pair, arch, opt, args.steps, dtype, img, args.batch, args.seed,
-                                               torch_optimizer=_official_opt(official) if official else None)
-                title = f'{arch} {dtype}: trace of {args.steps} training steps ({opt}) against {ref}'
-            else:
-                pair = _pair(args, arch, dtype, img, official, vit_kw)
-                res = tracing.trace_moco(pair, dtype, args.batch, img, args.seed, args.moco_m)
-                title = f'{arch} {dtype}: trace of one MoCo forward/backward against {ref}, img {img}, batch {args.batch}'
-            if vit_kw:
-                title += f', depth {vit_kw["depth"]}'
-            print(f'\n== {title}  ({time.time() - t0:.1f} s)')
-            print(res.table(max_rows=args.trace_rows or None), flush=True)
-            failed += not res.passed
-            out.append({'arch': arch, 'dtype': dtype, 'title': title, **res.to_dict()})
+    ref = 'the original code' if official else 'torch_ref'
+    for arch, dtype, _, vit_kw, img, opt in _cases(args, archs):
+        t0 = time.time()
+        if args.steps:
+            pair = _pair(args, arch, dtype, img, official, vit_kw, T=1.0)
+            res = tracing.trace_moco_steps(pair, arch, opt, args.steps, dtype, img, args.batch, args.seed,
+                                           torch_optimizer=_official_opt(official) if official else None)
+            title = f'{arch} {dtype}: trace of {args.steps} training steps ({opt}) against {ref}'
+        else:
+            pair = _pair(args, arch, dtype, img, official, vit_kw)
+            res = tracing.trace_moco(pair, dtype, args.batch, img, args.seed, args.moco_m)
+            title = f'{arch} {dtype}: trace of one MoCo forward/backward against {ref}, img {img}, batch {args.batch}'
+        if vit_kw:
+            title += f', depth {vit_kw["depth"]}'
+        print(f'\n== {title}  ({time.time() - t0:.1f} s)')
+        print(res.table(max_rows=args.trace_rows or None), flush=True)
+        failed += not res.passed
+        out.append({'arch': arch, 'dtype': dtype, 'title': title, **res.to_dict()})
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'meta': vars(args), 'traces': out}, f, indent=1, allow_nan=False)

@@ -19,7 +19,6 @@ its rounding-noise gradient into updates at the 1e-11 scale on each side indepen
 judged on absolute error (NULL_ATOL), as parity/steps.py does for MoCo.
 """
 import argparse
-import contextlib
 
 import numpy as np
 import paddle
@@ -36,6 +35,8 @@ from torch_ref import lincls as tlc
 from torch_ref import models as tm
 
 from .compare import compare as _compare
+from .scenarios import paddle_dtype
+from .steps import split_null  # the MoCo names it also knows never occur in a classifier
 
 TOL = 1e-9        # float64, relative L2
 NULL_ATOL = 1e-9  # float64, absolute, for the null directions (qkv key bias)
@@ -52,21 +53,11 @@ def compare(check, a, b, tol, note=''):
     return row
 
 
-@contextlib.contextmanager
-def _float64():
-    old = paddle.get_default_dtype()
-    paddle.set_default_dtype('float64')
-    try:
-        yield
-    finally:
-        paddle.set_default_dtype(old)
-
-
 def build_pair(arch, num_classes, img_size, vit_kwargs, seed=0, paddle_kwargs=None):
     """A torch_ref classifier (seeded, float64) and a paddle_impl twin holding the same weights."""
     torch.manual_seed(seed)
     tmodel = tm.encoder_factory(arch, img_size=img_size, **vit_kwargs)(num_classes=num_classes).double()
-    with _float64():
+    with paddle_dtype('float64'):
         pmodel = pm.encoder_factory(arch, img_size=img_size, **vit_kwargs, **(paddle_kwargs or {}))(
             num_classes=num_classes)
     torch_to_paddle_model(tmodel, pmodel)
@@ -89,22 +80,9 @@ def _paddle_named(pmodel, trainable=True):
             if (not p.stop_gradient) == trainable and not k.endswith(('_mean', '_variance'))}
 
 
-def _split_null(d):
-    """(main, null): the key third of every qkv bias apart (an exactly-zero gradient direction)."""
-    main, null = {}, {}
-    for k, v in d.items():
-        if k.endswith('.attn.qkv.bias') and v.ndim == 1 and v.shape[0] % 3 == 0:
-            n = v.shape[0] // 3
-            main[k + '[q,v]'] = np.concatenate([v[:n], v[2 * n:]])
-            null[k + '[k]'] = v[n:2 * n]
-        else:
-            main[k] = v
-    return main, null
-
-
 def _param_rows(what, p, t):
-    main_p, null_p = _split_null(p)
-    main_t, null_t = _split_null(t)
+    main_p, null_p = split_null(p)
+    main_t, null_t = split_null(t)
     rows = [compare(f'{what}: parameters after the last step', main_p, main_t, TOL)]
     if null_t:
         row = compare(f'{what}: qkv key biases (null direction, judged on abs error)', null_p, null_t, None,
@@ -185,7 +163,7 @@ def run_finetune_steps(arch='vit_small', steps=6, steps_per_epoch=2, batch=4, im
         t_losses.append(tft.train_step(tmodel, torch.from_numpy(x), torch.from_numpy(y), t_opt,
                                        lambda o, t: tft.label_smoothing_cross_entropy(o, t, smoothing)))
 
-    with _float64():  # the optimizer's own tensors (lr, beta powers) in the parameters' dtype
+    with paddle_dtype('float64'):  # the optimizer's own tensors (lr, beta powers) in the parameters' dtype
         p_opt = pft.build_optimizer(pmodel, lr, weight_decay)
         ns = argparse.Namespace(mixup=0., cutmix=0., smoothing=smoothing)
         _, criterion = pft.build_criterion(ns, num_classes, batch, seed)
