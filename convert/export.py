@@ -30,7 +30,7 @@ from paddle_impl.io import CheckpointError
 from . import keymap
 from .formats import FORMAT, _strip_prefixes, load_raw
 from .output import VerifyError
-from .spec import KIND_WORDS
+from .spec import KIND_WORDS, build_classes
 
 PADDLE_TOL = 1e-5     # Paddle Inference and the torch_ref model vs the eager Paddle model, float32, relative
 ONNX_TOL = 1e-4       # onnxruntime vs the eager Paddle model
@@ -142,7 +142,7 @@ def paddle_model(src, kind, sd):
     from paddle_impl import models as pm
 
     from .bridge import load_into_paddle
-    nc = src.num_classes if kind == 'linear' else (0 if src.arch != 'resnet50' else 1000)
+    nc = build_classes(kind, src.arch, src.num_classes)
     prev = paddle.get_default_dtype()
     paddle.set_default_dtype('float32')
     try:
@@ -168,7 +168,7 @@ def torch_model(src, kind, sd):
     from torch_ref import models as tm
 
     from .bridge import load_into_torch
-    nc = src.num_classes if kind == 'linear' else (0 if src.arch != 'resnet50' else 1000)
+    nc = build_classes(kind, src.arch, src.num_classes)
     m = tm.encoder_factory(src.arch, img_size=src.img_size, **src.vit_kwargs)(num_classes=nc)
     if kind == 'backbone' and src.arch == 'resnet50':
         m.fc = torch.nn.Identity()

@@ -9,7 +9,7 @@ from paddle_impl.io import CheckpointError, atomic_write, save_checkpoint
 
 from . import keymap
 from .formats import FORMAT
-from .spec import _num
+from .spec import _num, build_classes
 from .translate import _scaler_torch_to_paddle, optimizer_to_paddle, paddle_state_dict
 
 
@@ -146,7 +146,7 @@ def torch_model(ck, dtype='float32'):
     if ck.kind == 'pretrain':
         m = tm.build_moco(ck.arch, dim=ck.dim, mlp_dim=ck.mlp_dim, img_size=img)
     else:
-        nc = ck.num_classes if ck.kind == 'linear' else (0 if ck.arch != 'resnet50' else 1000)
+        nc = build_classes(ck.kind, ck.arch, ck.num_classes)
         m = tm.encoder_factory(ck.arch, img_size=img)(num_classes=nc)
         if ck.kind != 'linear' and ck.arch == 'resnet50':
             m.fc = torch.nn.Identity()
@@ -168,7 +168,7 @@ def paddle_model(ck, dtype='float32'):
         if ck.kind == 'pretrain':
             m = pm.build_moco(ck.arch, dim=ck.dim, mlp_dim=ck.mlp_dim, img_size=img)
         else:
-            nc = ck.num_classes if ck.kind == 'linear' else (0 if ck.arch != 'resnet50' else 1000)
+            nc = build_classes(ck.kind, ck.arch, ck.num_classes)
             m = pm.encoder_factory(ck.arch, img_size=img)(num_classes=nc)
             if ck.kind != 'linear' and ck.arch == 'resnet50':
                 m.fc = paddle.nn.Identity()

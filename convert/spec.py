@@ -177,3 +177,9 @@ def torch_shapes_to_paddle(shapes):
 
 def is_buffer(name):
     return name.endswith(_BUFFER_SUFFIXES)
+
+
+def build_classes(kind, arch, num_classes):
+    """num_classes of the model to build for a file of ``kind``: a linear file's own head; otherwise none
+    (ViTs: 0; ResNet-50 is built with torchvision's 1000-way fc, replaced by Identity afterwards)."""
+    return num_classes if kind == 'linear' else (0 if arch != 'resnet50' else 1000)
