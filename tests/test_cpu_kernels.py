@@ -43,15 +43,20 @@ def test_isa_variants_match_this_cpu():
     assert not any(f.startswith('-m') for f in cpu_kernels.compile_flags())  # the library itself: baseline x86-64
 
 
+def _python(code, **env):
+    """``python -c code`` from the repository root with ``env`` added; asserts it exits 0."""
+    r = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, PYTHONPATH=ROOT, **env),
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
 def test_isa_forced_by_env():
     code = ('from paddle_impl import cpu_kernels; cpu_kernels.get(); '
             'print(cpu_kernels.active_isa(), cpu_kernels.supported_isas()[-1])')
     out = {}
     for want in ('generic', 'nonsense'):
-        env = dict(os.environ, MOCO_CPU_ISA=want, PYTHONPATH=ROOT)
-        r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300,
-                           cwd=ROOT)
-        assert r.returncode == 0, r.stderr[-2000:]
+        r = _python(code, MOCO_CPU_ISA=want)
         out[want] = (r.stdout.split(), r.stderr)
     assert out['generic'][0][0] == 'generic'
     active, widest = out['nonsense'][0]
@@ -206,10 +211,7 @@ print(json.dumps({'on': cpu_kernels.get() is not None, 'loss': float(loss), 'g':
 '''
     out = {}
     for flag in ('1', '0'):
-        env = dict(os.environ, MOCO_CPU_KERNELS=flag, PYTHONPATH=ROOT)
-        r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300,
-                           cwd=ROOT)
-        assert r.returncode == 0, r.stderr[-2000:]
+        r = _python(code, MOCO_CPU_KERNELS=flag)
         import json
         out[flag] = json.loads(r.stdout.strip().splitlines()[-1])
     assert out['1']['on'] and not out['0']['on']

@@ -21,26 +21,12 @@ import pytest
 from convert.__main__ import main as cli
 from paddle_impl import io as pio
 from paddle_impl import models as pm
+from test_lincls import make_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(patch_size=8, embed_dim=48, depth=2, num_heads=3)
 TINY_FLAGS = ['--vit-patch-size', '8', '--vit-embed-dim', '48', '--vit-depth', '2', '--vit-num-heads', '3']
 IMG = 32
-
-
-def make_data(root, classes=3, n_train=8, n_val=4, size=36, seed=0):
-    """root/train/<c>/*.png and root/val/<c>/*.png: colour blobs, one hue per class."""
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    for split, n in (('train', n_train), ('val', n_val)):
-        for c in range(classes):
-            d = os.path.join(root, split, f'c{c}')
-            os.makedirs(d, exist_ok=True)
-            base = np.array([(c * 97) % 256, 60, 255 - (c * 97) % 256])
-            for i in range(n):
-                a = (rng.random((size, size, 3)) * 90 + base - 45).clip(0, 255).astype(np.uint8)
-                Image.fromarray(a).save(os.path.join(d, f'{i}.png'))
-    return str(root)
 
 
 def _main(module, argv):

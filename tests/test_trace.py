@@ -125,14 +125,7 @@ def test_first_step_of_k(monkeypatch):
     """K steps: an optimizer that decays 1-D parameters changes nothing at step 0 (lr 0 in warm-up) and
     shows after step 1, in the first module with a trained 1-D parameter."""
     from paddle_impl import engine
-    from paddle_impl import optimizer as popt
-
-    class LARSDecays1D(popt.LARS):
-        def _append_optimize_op(self, block, param_and_grad):
-            p, g = param_and_grad
-            if p.ndim <= 1:
-                g = g + self._lars_weight_decay * p
-            return super()._append_optimize_op(block, (p, g))
+    from test_steps import LARSDecays1D
     monkeypatch.setattr(engine, 'build_optimizer',
                         lambda name, params, lr, wd, momentum: LARSDecays1D(params, lr, weight_decay=wd, momentum=momentum))
     pair = scenarios.build_pair('vit_small', 'float64', img_size=32, dim=32, mlp_dim=64, depth=1, T=1.0,
