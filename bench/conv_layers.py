@@ -1,9 +1,13 @@
 """Per-layer convolution timings of ResNet-50 (batch 8, 224, one view, forward + backward, float32):
-Paddle's own F.conv2d, ours (paddle_impl.layers.conv2d_k: parallel im2col + one GEMM) and torch, interleaved,
-median of 5. The ResNet-50 model uses ours only for kernels larger than 1x1.
+Paddle's own F.conv2d, our im2col + one GEMM (paddle_impl.layers._Conv2dK), our oneDNN direct convolution
+(layers.conv2d_onednn; '-' where oneDNN is not loadable) and torch, interleaved, median of 5. The ResNet-50
+model uses ours only for kernels larger than 1x1 (conv2d_k: oneDNN where layers.onednn_conv_wins, else
+im2col). With OMP_NUM_THREADS=1 the times are CPU times of the process (robust to other load), else wall.
 
-    python -m bench.conv_layers       (not part of make bench; ~2 min on 2 cores)
+    python -m bench.conv_layers [--only-k3]     (not part of make bench; ~3 min on 2 cores)
 """
+import os
+import sys
 import time
 
 import paddle_impl  # noqa: F401  (thread and allocator defaults before paddle loads)
@@ -27,9 +31,12 @@ def main():
     if cpu_kernels.get() is None:
         raise SystemExit('our CPU kernels are not built here (see the warning above)')
     rng = np.random.default_rng(0)
-    total = {'paddle': 0.0, 'ours': 0.0, 'torch': 0.0}
+    onednn = cpu_kernels.onednn()
+    clock = time.process_time if os.environ.get('OMP_NUM_THREADS') == '1' else time.perf_counter
+    shapes = [sh for sh in SHAPES if sh[3] > 1] if '--only-k3' in sys.argv else SHAPES
+    total = {'paddle': 0.0, 'im2col': 0.0, 'onednn': 0.0, 'torch': 0.0}
     print('in, size, out, k, stride, count: forward+backward ms (median of 5)')
-    for c, h, co, k, s, count in SHAPES:
+    for c, h, co, k, s, count in shapes:
         p = k // 2
         x = paddle.to_tensor(rng.standard_normal((8, c, h, h)).astype('float32'))
         x.stop_gradient = c == 3  # the images take no gradient
@@ -43,28 +50,38 @@ def main():
             y = F.conv2d(x, w, stride=s, padding=p)
             paddle.grad(y, ins, y)
 
-        def ours():
-            y = layers.conv2d_k(x, w, [s, s], [p, p])
+        geom = [k, k, s, s, p, p]
+        out_hw = [(h + 2 * p - k) // s + 1] * 2
+
+        def im2col():
+            y = layers._Conv2dK.apply(x, w, geom, out_hw)
+            paddle.grad(y, ins, y)
+
+        def dnnl():
+            y = layers.conv2d_onednn(x, w, geom)
             paddle.grad(y, ins, y)
 
         def torch_conv():
             y = torch.nn.functional.conv2d(tx, tw, stride=s, padding=p)
             torch.autograd.grad(y, tins, y)
 
-        fns = {'paddle': paddle_own, 'ours': ours, 'torch': torch_conv}
+        fns = {'paddle': paddle_own, 'im2col': im2col, 'onednn': dnnl, 'torch': torch_conv}
+        if not onednn:
+            del fns['onednn']
         times = {n: [] for n in fns}
         for f in fns.values():
             f()
         for _ in range(5):
             for n, f in fns.items():
-                t = time.perf_counter()
+                t = clock()
                 f()
-                times[n].append(time.perf_counter() - t)
+                times[n].append(clock() - t)
         med = {n: sorted(v)[2] * 1e3 for n, v in times.items()}
-        for n in total:
+        for n in med:
             total[n] += med[n] * count
         print(f'{c:5d} {h:4d} {co:5d} {k} {s} x{count}: ' + '  '.join(f'{n} {v:6.1f}' for n, v in med.items()))
-    print('one ResNet-50 view, all convolutions: ' + ', '.join(f'{n} {v:.0f} ms' for n, v in total.items()))
+    what = 'the 3x3/7x7 convolutions' if '--only-k3' in sys.argv else 'all convolutions'
+    print(f'one ResNet-50 view, {what}: ' + ', '.join(f'{n} {v:.0f} ms' for n, v in total.items() if v))
 
 
 if __name__ == '__main__':

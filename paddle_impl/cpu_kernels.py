@@ -13,6 +13,9 @@ baseline x86-64, and the widest variant the CPU supports runs (checked by the CP
 C++); ``MOCO_CPU_ISA=avx2|generic`` forces a narrower one (e.g. to mimic an AVX2 machine); ``set_isa``
 switches at run time (tests run every variant).
 
+float32 convolutions can also run as oneDNN direct convolutions (the library in Paddle's wheel, opened at
+run time; see ``onednn`` below and csrc/cpu_kernels.cc); ``MOCO_ONEDNN_CONV=0`` keeps them on im2col + GEMM.
+
 ``MOCO_CPU_KERNELS=0`` turns them off; where the build fails (no compiler, say), one warning line is
 printed and Paddle's own ops are used, with the same results up to rounding. Float64 parity runs through
 these kernels whenever they are on.
@@ -25,7 +28,7 @@ import warnings
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_kernels.cc')
 _SOURCES = (_SRC, os.path.join(os.path.dirname(_SRC), 'kernels_impl.h'))
-_state = {'module': None, 'tried': False, 'error': None, 'isa': None, 'supported': None}
+_state = {'module': None, 'tried': False, 'error': None, 'isa': None, 'supported': None, 'onednn': None}
 
 
 def enabled_by_env():
@@ -96,7 +99,7 @@ def _build():
         try:
             with _quiet_fds(log):
                 from paddle.utils.cpp_extension import load
-                return load(name=name, sources=[_SRC], extra_cxx_cflags=flags, extra_ldflags=['-fopenmp'],
+                return load(name=name, sources=[_SRC], extra_cxx_cflags=flags, extra_ldflags=['-fopenmp', '-ldl'],
                             build_directory=build_dir, verbose=False)
         except Exception as e:  # noqa: BLE001 - any build failure means: use Paddle's own ops
             log.seek(0)
@@ -187,3 +190,45 @@ def run_inplace(op, leaf, *args):
 
 def contiguous(t):
     return t if t.is_contiguous() else t.contiguous()
+
+
+def onednn_library():
+    """The oneDNN library in Paddle's wheel (``MOCO_ONEDNN_LIB`` overrides the path)."""
+    import paddle
+    return os.environ.get('MOCO_ONEDNN_LIB') or os.path.join(os.path.dirname(paddle.__file__), 'libs', 'libdnnl.so.3')
+
+
+def onednn_setting():
+    """``MOCO_ONEDNN_CONV``: '0' never, '1' every float32 convolution our kernels take, unset/'auto' the
+    shapes where it measured faster (layers.onednn_conv_wins)."""
+    v = os.environ.get('MOCO_ONEDNN_CONV', 'auto').strip().lower()
+    if v in ('0', 'false', 'no', 'off'):
+        return '0'
+    return '1' if v in ('1', 'true', 'yes', 'on') else 'auto'
+
+
+def onednn():
+    """True where oneDNN convolutions can run here: our kernels built, ``MOCO_ONEDNN_CONV`` not 0 and oneDNN
+    3.x opened from ``onednn_library()`` (else one warning line; the convolutions stay on im2col + GEMM)."""
+    if onednn_setting() == '0':
+        return False
+    if _state['onednn'] is None:
+        _state['onednn'] = _load_onednn()
+    return bool(_state['onednn'])
+
+
+def _load_onednn():
+    import paddle
+    mod = get()
+    if mod is None:
+        return False
+    path = onednn_library()
+    if not os.path.isfile(path):
+        ok, version = False, 'no such file'
+    else:
+        ok, major, minor, patch = (int(v) for v in mod.moco_dnnl_init(paddle.zeros([1]), path).numpy())
+        version = f'version {major}.{minor}.{patch}' if major else 'not a oneDNN 3.x library'
+    if not ok:
+        print(f'moco-v3 paddle: oneDNN not usable from {path} ({version}); float32 convolutions use im2col + '
+              f'GEMM (same results up to rounding; MOCO_ONEDNN_CONV=0 hides this)', file=sys.stderr)
+    return ok

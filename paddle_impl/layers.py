@@ -588,9 +588,63 @@ def conv2d_k(x, weight, stride, padding):
     h, w = x.shape[2:]
     geom = [kh, kw, stride[0], stride[1], padding[0], padding[1]]
     out_hw = [(h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1]
+    if onednn_conv_applies(x, weight, geom, out_hw):
+        return conv2d_onednn(x, weight, geom)
     if _needs_grad(x, weight):
         return _Conv2dK.apply(x, weight, geom, out_hw)
     return _conv_forward(cpu_kernels.contiguous(x), weight, geom, out_hw)
+
+
+class _Conv2dOneDNN(PyLayer):
+    """Convolution (groups 1, dilation 1, no bias, float32) as oneDNN direct convolutions (csrc/cpu_kernels.cc):
+    forward, backward data and backward weights, each one primitive cached per shape."""
+
+    @staticmethod
+    def forward(ctx, x, weight, geom):
+        x = cpu_kernels.contiguous(x)
+        ctx.save_for_backward(x, weight)
+        ctx.geom = geom
+        ctx.needs = (not x.stop_gradient, not weight.stop_gradient)
+        return cpu_kernels.get().moco_dnnl_conv(x, weight, *geom[2:])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensor()
+        need_x, need_w = ctx.needs
+        k = cpu_kernels.get()
+        dy = cpu_kernels.contiguous(dy)
+        kh, kw = ctx.geom[:2]
+        dx = k.moco_dnnl_conv_grad_x(weight, dy, x.shape[2], x.shape[3], *ctx.geom[2:]) if need_x else None
+        dw = k.moco_dnnl_conv_grad_w(x, dy, kh, kw, *ctx.geom[2:]) if need_w else None
+        return dx, dw
+
+
+def conv2d_onednn(x, weight, geom):
+    """conv2d_k through oneDNN (float32 only; geom = [kh, kw, sh, sw, ph, pw])."""
+    if _needs_grad(x, weight):
+        return _Conv2dOneDNN.apply(x, weight, geom)
+    return cpu_kernels.get().moco_dnnl_conv(cpu_kernels.contiguous(x), weight, *geom[2:])
+
+
+def onednn_conv_wins(x, weight, geom):
+    """The shapes where the oneDNN convolution measured faster than im2col + GEMM (forward + backward,
+    docs/benchmarks.md "ResNet-50: the convolutions")."""
+    return True
+
+
+def onednn_conv_applies(x, weight, geom, out_hw):
+    """conv2d_k goes to oneDNN: float32, oneDNN loaded, ``MOCO_ONEDNN_CONV`` 1 (or unset and the shape is one
+    where it wins), contiguous weight and no negative bottom/right padding in oneDNN's terms. float64 never
+    does (the parity proof runs on im2col + GEMM)."""
+    if x.dtype != paddle.float32 or weight.dtype != paddle.float32 or not weight.is_contiguous():
+        return False
+    kh, kw, sh, sw, ph, pw = geom
+    if (out_hw[0] - 1) * sh + kh < x.shape[2] + ph or (out_hw[1] - 1) * sw + kw < x.shape[3] + pw:
+        return False
+    setting = cpu_kernels.onednn_setting()
+    if setting == '0' or not cpu_kernels.onednn():
+        return False
+    return setting == '1' or onednn_conv_wins(x, weight, geom)
 
 
 def _pair(v):

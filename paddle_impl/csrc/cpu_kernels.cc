@@ -22,7 +22,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <array>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
 #include <vector>
+
+#include <dlfcn.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -280,6 +287,392 @@ void LarsInplace(paddle::Tensor& p, const paddle::Tensor& g, paddle::Tensor& mu,
   }));
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Direct float32 convolution through oneDNN (forward, backward data, backward weights), the library torch
+// uses for its CPU convolutions. Paddle's wheel ships oneDNN (paddle/libs/libdnnl.so.3, the v3.x C API) but
+// not its headers, so the few types, enum values and functions used here are declared below, written from
+// oneDNN v3.6.2's public headers (include/oneapi/dnnl/dnnl.h, dnnl_common.h, dnnl_types.h,
+// dnnl_common_types.h; the library in Paddle 3.3's wheel is 3.6.2): handles are opaque pointers, the C enums
+// are passed as int. The library is opened at run time (dlopen, path from Python) and its version checked;
+// where that fails, Python keeps the im2col path. oneDNN picks its own tensor layouts (format tag "any");
+// plain NCHW / OIHW tensors are reordered to and from them around each primitive. Primitives are built
+// once per convolution shape and kept. oneDNN in Paddle's build runs on the same OpenMP runtime (libgomp)
+// as the kernels above, so both use the same thread count. float64 never comes here (oneDNN has no f64
+// convolution): the float64 parity path is im2col + GEMM.
+
+namespace dnnl {
+typedef void* handle;  // dnnl_engine_t, dnnl_stream_t, dnnl_memory_t, dnnl_memory_desc_t, dnnl_primitive_t, ...
+typedef int status;    // dnnl_status_t
+struct ExecArg {       // dnnl_exec_arg_t
+  int arg;
+  handle memory;
+};
+struct Version {  // dnnl_version_t
+  int major, minor, patch;
+  const char* hash;
+  unsigned cpu_runtime, gpu_runtime;
+};
+constexpr int kMaxDims = 12;  // DNNL_MAX_NDIMS (dnnl_dims_t = int64_t[12])
+enum : int {
+  kSuccess = 0,                                               // dnnl_success
+  kF32 = 3,                                                   // dnnl_f32
+  kTagAny = 1, kTagAbcd = 5,                                  // dnnl_format_tag_any, dnnl_abcd (nchw, oihw)
+  kCpu = 1,                                                   // dnnl_cpu
+  kInOrder = 1,                                               // dnnl_stream_in_order (the default flags)
+  kForwardTraining = 64, kBackwardData = 160, kBackwardWeights = 192,  // dnnl_prop_kind_t
+  kConvDirect = 1,                                            // dnnl_convolution_direct
+  kScratchpadUser = 1,                                        // dnnl_scratchpad_mode_user
+  kQueryImplInfo = 8,                                         // dnnl_query_impl_info_str
+  kQuerySrc = 129, kQueryDiffSrc = 130, kQueryWeights = 131,  // dnnl_query_{src,diff_src,weights}_md
+  kQueryDiffWeights = 132, kQueryDst = 133, kQueryDiffDst = 134, kQueryScratchpad = 136,
+  kArgSrc = 1, kArgDst = 17, kArgWeights = 33, kArgScratchpad = 80,  // DNNL_ARG_*; FROM = SRC, TO = DST
+  kArgDiffSrc = 129, kArgDiffDst = 145, kArgDiffWeights = 161,
+};
+
+struct Api {
+  const Version* (*version)();
+  status (*engine_create)(handle*, int kind, size_t index);
+  status (*stream_create)(handle*, handle engine, unsigned flags);
+  status (*stream_wait)(handle);
+  status (*md_create_with_tag)(handle*, int ndims, const int64_t* dims, int dtype, int tag);
+  int (*md_equal)(handle, handle);
+  size_t (*md_get_size)(handle);
+  status (*memory_create)(handle*, handle md, handle engine, void* data);
+  status (*memory_destroy)(handle);
+  status (*attr_create)(handle*);
+  status (*attr_set_scratchpad_mode)(handle, int);
+  status (*conv_fwd_pd)(handle*, handle engine, int prop, int alg, handle src, handle weights, handle bias,
+                        handle dst, const int64_t* strides, const int64_t* dilates, const int64_t* pad_l,
+                        const int64_t* pad_r, handle attr);
+  status (*conv_bwd_data_pd)(handle*, handle engine, int alg, handle diff_src, handle weights, handle diff_dst,
+                             const int64_t* strides, const int64_t* dilates, const int64_t* pad_l,
+                             const int64_t* pad_r, handle hint_fwd, handle attr);
+  status (*conv_bwd_weights_pd)(handle*, handle engine, int alg, handle src, handle diff_weights, handle diff_bias,
+                                handle diff_dst, const int64_t* strides, const int64_t* dilates,
+                                const int64_t* pad_l, const int64_t* pad_r, handle hint_fwd, handle attr);
+  status (*reorder_pd)(handle*, handle src_md, handle src_engine, handle dst_md, handle dst_engine, handle attr);
+  handle (*pd_query_md)(handle pd, int what, int index);
+  status (*pd_query)(handle pd, int what, int index, void* result);
+  status (*primitive_create)(handle*, handle pd);
+  status (*primitive_execute)(handle, handle stream, int nargs, const ExecArg* args);
+};
+
+struct State {
+  Api api{};
+  handle engine = nullptr, stream = nullptr, attr = nullptr;
+  int major = 0, minor = 0, patch = 0;
+  bool ok = false;
+  std::mutex mu;
+};
+State g_dnnl;
+
+template <typename F>
+bool bind(void* lib, const char* name, F* fn) {
+  *fn = reinterpret_cast<F>(dlsym(lib, name));
+  return *fn != nullptr;
+}
+
+bool bind_all(void* lib, Api* a) {
+  return bind(lib, "dnnl_version", &a->version) && bind(lib, "dnnl_engine_create", &a->engine_create) &&
+         bind(lib, "dnnl_stream_create", &a->stream_create) && bind(lib, "dnnl_stream_wait", &a->stream_wait) &&
+         bind(lib, "dnnl_memory_desc_create_with_tag", &a->md_create_with_tag) &&
+         bind(lib, "dnnl_memory_desc_equal", &a->md_equal) &&
+         bind(lib, "dnnl_memory_desc_get_size", &a->md_get_size) &&
+         bind(lib, "dnnl_memory_create", &a->memory_create) && bind(lib, "dnnl_memory_destroy", &a->memory_destroy) &&
+         bind(lib, "dnnl_primitive_attr_create", &a->attr_create) &&
+         bind(lib, "dnnl_primitive_attr_set_scratchpad_mode", &a->attr_set_scratchpad_mode) &&
+         bind(lib, "dnnl_convolution_forward_primitive_desc_create", &a->conv_fwd_pd) &&
+         bind(lib, "dnnl_convolution_backward_data_primitive_desc_create", &a->conv_bwd_data_pd) &&
+         bind(lib, "dnnl_convolution_backward_weights_primitive_desc_create", &a->conv_bwd_weights_pd) &&
+         bind(lib, "dnnl_reorder_primitive_desc_create", &a->reorder_pd) &&
+         bind(lib, "dnnl_primitive_desc_query_md", &a->pd_query_md) &&
+         bind(lib, "dnnl_primitive_desc_query", &a->pd_query) &&
+         bind(lib, "dnnl_primitive_create", &a->primitive_create) &&
+         bind(lib, "dnnl_primitive_execute", &a->primitive_execute);
+}
+
+// Opens the library once (later calls return the first result): 3.x only (the C API declared above).
+bool load(const std::string& path) {
+  State& s = g_dnnl;
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (s.ok) return true;
+  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (lib == nullptr || !bind_all(lib, &s.api)) return false;
+  const Version* v = s.api.version();
+  s.major = v->major, s.minor = v->minor, s.patch = v->patch;
+  if (v->major != 3) return false;
+  s.ok = s.api.engine_create(&s.engine, kCpu, 0) == kSuccess &&
+         s.api.stream_create(&s.stream, s.engine, kInOrder) == kSuccess &&
+         s.api.attr_create(&s.attr) == kSuccess && s.api.attr_set_scratchpad_mode(s.attr, kScratchpadUser) == kSuccess;
+  return s.ok;
+}
+
+void check(status st, const char* what) { PD_CHECK(st == kSuccess, "oneDNN ", what, " failed (dnnl_status_t ", st, ")"); }
+
+handle plain_md(int64_t a, int64_t b, int64_t c, int64_t d, int tag) {
+  int64_t dims[kMaxDims] = {a, b, c, d};
+  handle md = nullptr;
+  check(g_dnnl.api.md_create_with_tag(&md, 4, dims, kF32, tag), "dnnl_memory_desc_create_with_tag");
+  return md;
+}
+
+// A primitive with its scratchpad size (user-managed scratchpad: allocated per call from Paddle's allocator).
+struct Prim {
+  handle pd = nullptr, prim = nullptr;
+  size_t scratch = 0;
+};
+
+Prim make_prim(handle pd, const char* what) {
+  Prim p;
+  p.pd = pd;
+  check(g_dnnl.api.primitive_create(&p.prim, pd), what);
+  handle md = g_dnnl.api.pd_query_md(pd, kQueryScratchpad, 0);
+  p.scratch = md ? g_dnnl.api.md_get_size(md) : 0;
+  return p;
+}
+
+// One argument of a convolution primitive: the plain (NCHW / OIHW) layout of the Paddle tensor, the layout the
+// primitive chose, and the reorder between them (none where they agree).
+struct Port {
+  handle plain = nullptr, chosen = nullptr;
+  Prim reorder;  // plain -> chosen (an input) or chosen -> plain (an output); prim == nullptr: same layout
+  size_t bytes = 0;
+};
+
+Port make_port(handle plain, handle pd, int query, bool input) {
+  Port p;
+  p.plain = plain;
+  p.chosen = g_dnnl.api.pd_query_md(pd, query, 0);
+  PD_CHECK(p.chosen != nullptr, "oneDNN: a convolution primitive has no memory descriptor for query ", query);
+  p.bytes = g_dnnl.api.md_get_size(p.chosen);
+  if (!g_dnnl.api.md_equal(p.plain, p.chosen)) {
+    handle rpd = nullptr;
+    handle from = input ? p.plain : p.chosen, to = input ? p.chosen : p.plain;
+    check(g_dnnl.api.reorder_pd(&rpd, from, g_dnnl.engine, to, g_dnnl.engine, g_dnnl.attr),
+          "dnnl_reorder_primitive_desc_create");
+    p.reorder = make_prim(rpd, "dnnl_primitive_create (reorder)");
+  }
+  return p;
+}
+
+// A float32 buffer of at least `bytes` bytes from Paddle's allocator (freed when the tensor goes).
+paddle::Tensor scratch_tensor(size_t bytes, const paddle::Place& place) {
+  return paddle::empty({static_cast<int64_t>(bytes / sizeof(float) + 1)}, paddle::DataType::FLOAT32, place);
+}
+
+void execute(const Prim& p, std::vector<ExecArg> args, const paddle::Place& place) {
+  paddle::Tensor pad;
+  handle pad_mem = nullptr;
+  if (p.scratch > 0) {
+    pad = scratch_tensor(p.scratch, place);
+    handle md = g_dnnl.api.pd_query_md(p.pd, kQueryScratchpad, 0);
+    check(g_dnnl.api.memory_create(&pad_mem, md, g_dnnl.engine, pad.data<float>()), "dnnl_memory_create");
+    args.push_back({kArgScratchpad, pad_mem});
+  }
+  status st = g_dnnl.api.primitive_execute(p.prim, g_dnnl.stream, static_cast<int>(args.size()), args.data());
+  if (st == kSuccess) st = g_dnnl.api.stream_wait(g_dnnl.stream);
+  if (pad_mem) g_dnnl.api.memory_destroy(pad_mem);
+  check(st, "dnnl_primitive_execute");
+}
+
+// A Paddle tensor's data bound to a port for one call: memory objects (and a temporary buffer in the chosen
+// layout, where it differs) that live as long as this object.
+class Bound {
+ public:
+  Bound(const Port& port, void* data, const paddle::Place& place, bool input) : port_(port), place_(place) {
+    check(g_dnnl.api.memory_create(&user_, port.plain, g_dnnl.engine, data), "dnnl_memory_create");
+    if (port.reorder.prim == nullptr) {
+      mem_ = user_;
+      return;
+    }
+    tmp_ = scratch_tensor(port.bytes, place);
+    check(g_dnnl.api.memory_create(&mem_, port.chosen, g_dnnl.engine, tmp_.data<float>()), "dnnl_memory_create");
+    if (input) execute(port.reorder, {{kArgSrc, user_}, {kArgDst, mem_}}, place);
+  }
+  handle mem() const { return mem_; }
+  void write_back() {  // an output: the chosen layout -> the Paddle tensor
+    if (mem_ != user_) execute(port_.reorder, {{kArgSrc, mem_}, {kArgDst, user_}}, place_);
+  }
+  ~Bound() {
+    if (mem_ != user_ && mem_) g_dnnl.api.memory_destroy(mem_);
+    if (user_) g_dnnl.api.memory_destroy(user_);
+  }
+  Bound(const Bound&) = delete;
+  Bound& operator=(const Bound&) = delete;
+
+ private:
+  const Port& port_;
+  paddle::Place place_;
+  handle user_ = nullptr, mem_ = nullptr;
+  paddle::Tensor tmp_;
+};
+
+// The primitives of one convolution shape (N, C, H, W, Co, KH, KW, SH, SW, PH, PW): forward built at once,
+// the two backward ones at their first use.
+struct Conv {
+  int64_t N, C, H, W, CO, KH, KW, SH, SW, PH, PW, HO, WO;
+  handle x_md, w_md, y_md;  // plain layouts
+  Prim fwd, bwd_data, bwd_weights;
+  Port f_src, f_w, f_dst, d_ddst, d_w, d_dsrc, w_src, w_ddst, w_dw;
+};
+
+struct ConvDims {
+  int64_t strides[kMaxDims], dilates[kMaxDims], pad_l[kMaxDims], pad_r[kMaxDims];
+};
+
+// oneDNN's padding on the bottom/right: what makes (H + pad_l + pad_r - KH) / SH + 1 = HO exact, as in
+// oneDNN's own convention (pad_r = (HO - 1) * SH + KH - H - pad_l; may be negative when rows are dropped).
+ConvDims conv_dims(const Conv& c) {
+  ConvDims d{};
+  d.strides[0] = c.SH, d.strides[1] = c.SW;
+  d.pad_l[0] = c.PH, d.pad_l[1] = c.PW;
+  d.pad_r[0] = (c.HO - 1) * c.SH + c.KH - c.H - c.PH;
+  d.pad_r[1] = (c.WO - 1) * c.SW + c.KW - c.W - c.PW;
+  return d;
+}
+
+void build_forward(Conv* c) {
+  Api& a = g_dnnl.api;
+  const ConvDims d = conv_dims(*c);
+  handle src = plain_md(c->N, c->C, c->H, c->W, kTagAny), wts = plain_md(c->CO, c->C, c->KH, c->KW, kTagAny),
+         dst = plain_md(c->N, c->CO, c->HO, c->WO, kTagAny), pd = nullptr;
+  check(a.conv_fwd_pd(&pd, g_dnnl.engine, kForwardTraining, kConvDirect, src, wts, nullptr, dst, d.strides,
+                      d.dilates, d.pad_l, d.pad_r, g_dnnl.attr),
+        "dnnl_convolution_forward_primitive_desc_create");
+  c->fwd = make_prim(pd, "dnnl_primitive_create (convolution forward)");
+  c->f_src = make_port(c->x_md, pd, kQuerySrc, true);
+  c->f_w = make_port(c->w_md, pd, kQueryWeights, true);
+  c->f_dst = make_port(c->y_md, pd, kQueryDst, false);
+}
+
+void build_backward_data(Conv* c) {
+  Api& a = g_dnnl.api;
+  const ConvDims d = conv_dims(*c);
+  handle dsrc = plain_md(c->N, c->C, c->H, c->W, kTagAny), wts = plain_md(c->CO, c->C, c->KH, c->KW, kTagAny),
+         ddst = plain_md(c->N, c->CO, c->HO, c->WO, kTagAny), pd = nullptr;
+  check(a.conv_bwd_data_pd(&pd, g_dnnl.engine, kConvDirect, dsrc, wts, ddst, d.strides, d.dilates, d.pad_l,
+                           d.pad_r, c->fwd.pd, g_dnnl.attr),
+        "dnnl_convolution_backward_data_primitive_desc_create");
+  c->bwd_data = make_prim(pd, "dnnl_primitive_create (convolution backward data)");
+  c->d_ddst = make_port(c->y_md, pd, kQueryDiffDst, true);
+  c->d_w = make_port(c->w_md, pd, kQueryWeights, true);
+  c->d_dsrc = make_port(c->x_md, pd, kQueryDiffSrc, false);
+}
+
+void build_backward_weights(Conv* c) {
+  Api& a = g_dnnl.api;
+  const ConvDims d = conv_dims(*c);
+  handle src = plain_md(c->N, c->C, c->H, c->W, kTagAny), dw = plain_md(c->CO, c->C, c->KH, c->KW, kTagAny),
+         ddst = plain_md(c->N, c->CO, c->HO, c->WO, kTagAny), pd = nullptr;
+  check(a.conv_bwd_weights_pd(&pd, g_dnnl.engine, kConvDirect, src, dw, nullptr, ddst, d.strides, d.dilates,
+                              d.pad_l, d.pad_r, c->fwd.pd, g_dnnl.attr),
+        "dnnl_convolution_backward_weights_primitive_desc_create");
+  c->bwd_weights = make_prim(pd, "dnnl_primitive_create (convolution backward weights)");
+  c->w_src = make_port(c->x_md, pd, kQuerySrc, true);
+  c->w_ddst = make_port(c->y_md, pd, kQueryDiffDst, true);
+  c->w_dw = make_port(c->w_md, pd, kQueryDiffWeights, false);
+}
+
+// The cached primitives of a shape (kept for the life of the process: a training run repeats its shapes).
+Conv& conv_for(const std::vector<int64_t>& xs, const std::vector<int64_t>& ws, int64_t sh, int64_t sw, int64_t ph,
+               int64_t pw) {
+  static std::map<std::array<int64_t, 11>, std::unique_ptr<Conv>> cache;
+  PD_CHECK(g_dnnl.ok, "moco_dnnl_conv: oneDNN is not loaded (call moco_dnnl_init first)");
+  PD_CHECK(xs.size() == 4 && ws.size() == 4 && xs[1] == ws[1], "moco_dnnl_conv: expected NCHW x and OIHW weight");
+  PD_CHECK(sh > 0 && sw > 0 && ph >= 0 && pw >= 0, "moco_dnnl_conv: bad geometry");
+  const std::array<int64_t, 11> key{xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], ws[3], sh, sw, ph, pw};
+  std::lock_guard<std::mutex> lock(g_dnnl.mu);
+  auto& slot = cache[key];
+  if (!slot) {
+    auto c = std::make_unique<Conv>();
+    *c = Conv{xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], ws[3], sh, sw, ph, pw, 0, 0};
+    c->HO = (c->H + 2 * ph - c->KH) / sh + 1;
+    c->WO = (c->W + 2 * pw - c->KW) / sw + 1;
+    PD_CHECK(c->HO > 0 && c->WO > 0, "moco_dnnl_conv: kernel larger than the padded input");
+    c->x_md = plain_md(c->N, c->C, c->H, c->W, kTagAbcd);
+    c->w_md = plain_md(c->CO, c->C, c->KH, c->KW, kTagAbcd);
+    c->y_md = plain_md(c->N, c->CO, c->HO, c->WO, kTagAbcd);
+    build_forward(c.get());
+    slot = std::move(c);
+  }
+  return *slot;
+}
+
+void check_f32(const paddle::Tensor& t, const char* what) {
+  check_cpu(t, what);
+  PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, what, ": oneDNN convolutions are float32 only");
+}
+
+}  // namespace dnnl
+
+// [ok, major, minor, patch] of the oneDNN library at `path` (opened once per process).
+std::vector<paddle::Tensor> DnnlInit(const paddle::Tensor& x, const std::string& path) {
+  const bool ok = dnnl::load(path);
+  auto out = paddle::empty({4}, paddle::DataType::INT64, x.place());
+  int64_t* o = out.data<int64_t>();
+  o[0] = ok, o[1] = dnnl::g_dnnl.major, o[2] = dnnl::g_dnnl.minor, o[3] = dnnl::g_dnnl.patch;
+  return {out};
+}
+
+std::vector<paddle::Tensor> DnnlConvForward(const paddle::Tensor& x, const paddle::Tensor& w, int64_t sh, int64_t sw,
+                                            int64_t ph, int64_t pw) {
+  dnnl::check_f32(x, "moco_dnnl_conv");
+  dnnl::check_f32(w, "moco_dnnl_conv");
+  dnnl::Conv& c = dnnl::conv_for(x.shape(), w.shape(), sh, sw, ph, pw);
+  auto y = paddle::empty({c.N, c.CO, c.HO, c.WO}, x.dtype(), x.place());
+  dnnl::Bound src(c.f_src, const_cast<float*>(x.data<float>()), x.place(), true);
+  dnnl::Bound wts(c.f_w, const_cast<float*>(w.data<float>()), x.place(), true);
+  dnnl::Bound dst(c.f_dst, y.data<float>(), x.place(), false);
+  dnnl::execute(c.fwd, {{dnnl::kArgSrc, src.mem()}, {dnnl::kArgWeights, wts.mem()}, {dnnl::kArgDst, dst.mem()}},
+                x.place());
+  dst.write_back();
+  return {y};
+}
+
+// dx from dy and the weight; H, W: the input's size (several input sizes give one output size when SH > 1).
+std::vector<paddle::Tensor> DnnlConvBackwardData(const paddle::Tensor& w, const paddle::Tensor& dy, int64_t H,
+                                                 int64_t W, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+  dnnl::check_f32(w, "moco_dnnl_conv_grad_x");
+  dnnl::check_f32(dy, "moco_dnnl_conv_grad_x");
+  const auto ws = w.shape();
+  dnnl::Conv& c = dnnl::conv_for({dy.shape()[0], ws[1], H, W}, ws, sh, sw, ph, pw);
+  PD_CHECK(dy.shape() == std::vector<int64_t>({c.N, c.CO, c.HO, c.WO}), "moco_dnnl_conv_grad_x: dy has the wrong shape");
+  {
+    std::lock_guard<std::mutex> lock(dnnl::g_dnnl.mu);
+    if (c.bwd_data.prim == nullptr) dnnl::build_backward_data(&c);
+  }
+  auto dx = paddle::empty({c.N, c.C, c.H, c.W}, dy.dtype(), dy.place());
+  dnnl::Bound ddst(c.d_ddst, const_cast<float*>(dy.data<float>()), dy.place(), true);
+  dnnl::Bound wts(c.d_w, const_cast<float*>(w.data<float>()), dy.place(), true);
+  dnnl::Bound dsrc(c.d_dsrc, dx.data<float>(), dy.place(), false);
+  dnnl::execute(c.bwd_data,
+                {{dnnl::kArgDiffDst, ddst.mem()}, {dnnl::kArgWeights, wts.mem()}, {dnnl::kArgDiffSrc, dsrc.mem()}},
+                dy.place());
+  dsrc.write_back();
+  return {dx};
+}
+
+std::vector<paddle::Tensor> DnnlConvBackwardWeights(const paddle::Tensor& x, const paddle::Tensor& dy, int64_t kh,
+                                                    int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+  dnnl::check_f32(x, "moco_dnnl_conv_grad_w");
+  dnnl::check_f32(dy, "moco_dnnl_conv_grad_w");
+  dnnl::Conv& c = dnnl::conv_for(x.shape(), {dy.shape()[1], x.shape()[1], kh, kw}, sh, sw, ph, pw);
+  PD_CHECK(dy.shape() == std::vector<int64_t>({c.N, c.CO, c.HO, c.WO}), "moco_dnnl_conv_grad_w: dy has the wrong shape");
+  {
+    std::lock_guard<std::mutex> lock(dnnl::g_dnnl.mu);
+    if (c.bwd_weights.prim == nullptr) dnnl::build_backward_weights(&c);
+  }
+  auto dw = paddle::empty({c.CO, c.C, c.KH, c.KW}, x.dtype(), x.place());
+  dnnl::Bound src(c.w_src, const_cast<float*>(x.data<float>()), x.place(), true);
+  dnnl::Bound ddst(c.w_ddst, const_cast<float*>(dy.data<float>()), x.place(), true);
+  dnnl::Bound ddw(c.w_dw, dw.data<float>(), x.place(), false);
+  dnnl::execute(c.bwd_weights,
+                {{dnnl::kArgSrc, src.mem()}, {dnnl::kArgDiffDst, ddst.mem()}, {dnnl::kArgDiffWeights, ddw.mem()}},
+                x.place());
+  ddw.write_back();
+  return {dw};
+}
+
 }  // namespace
 
 PD_BUILD_OP(moco_set_isa)
@@ -347,3 +740,27 @@ PD_BUILD_OP(moco_lars_)
     .Attrs({"lr: double", "wd: double", "momentum: double", "tc: double", "adapt: bool"})
     .SetInplaceMap({{"P", "POut"}, {"Mu", "MuOut"}})
     .SetKernelFn(PD_KERNEL(LarsInplace));
+
+PD_BUILD_OP(moco_dnnl_init)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .Attrs({"path: std::string"})
+    .SetKernelFn(PD_KERNEL(DnnlInit));
+
+PD_BUILD_OP(moco_dnnl_conv)
+    .Inputs({"X", "W"})
+    .Outputs({"Y"})
+    .Attrs({"sh: int64_t", "sw: int64_t", "ph: int64_t", "pw: int64_t"})
+    .SetKernelFn(PD_KERNEL(DnnlConvForward));
+
+PD_BUILD_OP(moco_dnnl_conv_grad_x)
+    .Inputs({"W", "DY"})
+    .Outputs({"DX"})
+    .Attrs({"in_h: int64_t", "in_w: int64_t", "sh: int64_t", "sw: int64_t", "ph: int64_t", "pw: int64_t"})
+    .SetKernelFn(PD_KERNEL(DnnlConvBackwardData));
+
+PD_BUILD_OP(moco_dnnl_conv_grad_w)
+    .Inputs({"X", "DY"})
+    .Outputs({"DW"})
+    .Attrs({"kh: int64_t", "kw: int64_t", "sh: int64_t", "sw: int64_t", "ph: int64_t", "pw: int64_t"})
+    .SetKernelFn(PD_KERNEL(DnnlConvBackwardWeights));
