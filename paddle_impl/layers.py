@@ -626,10 +626,13 @@ def conv2d_onednn(x, weight, geom):
     return cpu_kernels.get().moco_dnnl_conv(cpu_kernels.contiguous(x), weight, *geom[2:])
 
 
-def onednn_conv_wins(x, weight, geom):
-    """The shapes where the oneDNN convolution measured faster than im2col + GEMM (forward + backward,
-    docs/benchmarks.md "ResNet-50: the convolutions")."""
-    return True
+def onednn_conv_wins(x, weight, geom, out_hw):
+    """The shapes where the oneDNN convolution measured faster than im2col + GEMM, forward + backward (bench/
+    conv_layers.py, docs/benchmarks.md "ResNet-50: the convolutions"): ResNet-50's 3x3 and 7x7 kernels with
+    stride 1 or 2 and at least 14x14 output positions. On the 7x7 outputs of its last stage (512 channels)
+    im2col + one GEMM over the whole batch was as fast or faster (43-46 ms vs 44-55 ms, batch 8, one thread)."""
+    kh, kw, sh, sw = geom[:4]
+    return kh == kw and kh in (3, 7) and sh == sw and sh in (1, 2) and out_hw[0] * out_hw[1] >= 14 * 14
 
 
 def onednn_conv_applies(x, weight, geom, out_hw):
@@ -644,7 +647,7 @@ def onednn_conv_applies(x, weight, geom, out_hw):
     setting = cpu_kernels.onednn_setting()
     if setting == '0' or not cpu_kernels.onednn():
         return False
-    return setting == '1' or onednn_conv_wins(x, weight, geom)
+    return setting == '1' or onednn_conv_wins(x, weight, geom, out_hw)
 
 
 def _pair(v):

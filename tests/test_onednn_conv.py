@@ -202,3 +202,22 @@ def test_unloadable_library_falls_back(lib):
     assert r.stdout.split() == ['onednn', 'False', 'same', 'True']
     warnings = [line for line in r.stderr.splitlines() if 'oneDNN not usable' in line]
     assert len(warnings) == 1 and lib in warnings[0]
+
+
+def test_default_policy_shapes(monkeypatch):
+    """Unset MOCO_ONEDNN_CONV: oneDNN for the ResNet-50 shapes where it measured faster (the 7x7 stem, 3x3 with
+    >= 14x14 outputs), im2col for the last stage's 7x7 outputs and for kernels not measured (a ViT patch
+    embedding)."""
+    monkeypatch.delenv('MOCO_ONEDNN_CONV', raising=False)
+
+    def goes(c, h, co, k, s):
+        x, w = paddle.zeros([1, c, h, h]), paddle.zeros([co, c, k, k])
+        ho = (h + 2 * (k // 2 if k < 16 else 0) - k) // s + 1
+        return layers.onednn_conv_applies(x, w, [k, k, s, s] + [k // 2 if k < 16 else 0] * 2, [ho, ho])
+
+    assert goes(3, 224, 64, 7, 2) and goes(64, 56, 64, 3, 1) and goes(128, 56, 128, 3, 2)
+    assert goes(256, 28, 256, 3, 2) and goes(256, 14, 256, 3, 1)
+    assert not goes(512, 14, 512, 3, 2) and not goes(512, 7, 512, 3, 1)
+    assert not goes(3, 224, 8, 16, 16)
+    x = paddle.zeros([1, 4, 8, 8], dtype='float64')
+    assert not layers.onednn_conv_applies(x, paddle.zeros([4, 4, 3, 3], dtype='float64'), [3, 3, 1, 1, 1, 1], [8, 8])
