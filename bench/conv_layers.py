@@ -5,6 +5,10 @@ model uses ours only for kernels larger than 1x1 (conv2d_k: oneDNN where layers.
 im2col). With OMP_NUM_THREADS=1 the times are CPU times of the process (robust to other load), else wall.
 
     python -m bench.conv_layers [--only-k3]     (not part of make bench; ~3 min on 2 cores)
+
+``--step [PAIRS] [A B]``: the whole ResNet-50 training step of bench.bench's Paddle worker instead, with
+MOCO_ONEDNN_CONV switched between A and B (default 0 and auto) step by step in one process (PAIRS pairs,
+default 8, after one warm-up each; the order alternates): step times and the median of the paired ratios.
 """
 import os
 import sys
@@ -84,5 +88,34 @@ def main():
     print(f'one ResNet-50 view, {what}: ' + ', '.join(f'{n} {v:.0f} ms' for n, v in total.items() if v))
 
 
+def step_ab(pairs=8, a='0', b='auto'):
+    import statistics
+
+    from bench import bench
+    w = bench.Worker('paddle', 'cpu', 'model')
+    w.op_build('resnet50', 'cpu')
+    res = {a: [], b: []}
+    for v in (a, b):
+        os.environ['MOCO_ONEDNN_CONV'] = v
+        w.op_step()  # warm-up: primitives, allocator
+    for i in range(pairs):
+        for v in ((a, b) if i % 2 == 0 else (b, a)):
+            os.environ['MOCO_ONEDNN_CONV'] = v
+            time.sleep(bench.SETTLE_S)
+            r = w.op_step()
+            res[v].append((r['time'], r['cpu']))
+            print(f'MOCO_ONEDNN_CONV={v}: step {r["time"]:.3f} s, CPU {r["cpu"]:.3f} s', flush=True)
+    for v, xs in res.items():
+        print(f'MOCO_ONEDNN_CONV={v}: median {statistics.median(t for t, _ in xs):.3f} s, min '
+              f'{min(t for t, _ in xs):.3f} s, CPU median {statistics.median(c for _, c in xs):.3f} s')
+    ratios = [tb / ta for (ta, _), (tb, _) in zip(res[a], res[b])]
+    print(f'paired step-time ratio {b}/{a}: median {statistics.median(ratios):.3f} '
+          f'({", ".join(f"{r:.3f}" for r in ratios)})')
+
+
 if __name__ == '__main__':
-    main()
+    if '--step' in sys.argv:
+        args = sys.argv[sys.argv.index('--step') + 1:]
+        step_ab(int(args[0]) if args else 8, *(args[1:3] if len(args) >= 3 else ()))
+    else:
+        main()
