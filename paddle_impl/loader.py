@@ -21,6 +21,8 @@ import random
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from . import image_ops
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -138,8 +140,12 @@ def adjust_hue(img, factor):
         raise ValueError(f'hue factor {factor} is not in [-0.5, 0.5]')
     if img.mode in ('L', '1', 'I', 'F'):
         return img
-    h, s, v = img.convert('HSV').split()
     shift = int(factor * 255) % 256  # truncate toward zero, then wrap into uint8
+    if img.mode == 'RGB':  # our C kernel (image_ops.py): the same bytes as the PIL round trip below
+        arr = np.array(img, dtype=np.uint8)
+        if image_ops.hue_shift_rgb(arr, shift):
+            return Image.fromarray(arr, 'RGB')
+    h, s, v = img.convert('HSV').split()
     h = h.point(lambda x: (x + shift) % 256)
     return Image.merge('HSV', (h, s, v)).convert(img.mode)
 
@@ -325,6 +331,8 @@ class ColorJitter(Transform):
         self.contrast = self._range(contrast, 'contrast')
         self.saturation = self._range(saturation, 'saturation')
         self.hue = self._range(hue, 'hue', center=0, bound=(-0.5, 0.5), clip_at_zero=False)
+        if self.hue is not None:
+            image_ops.get()  # build the hue kernel now, in the parent, not in each DataLoader worker
 
     @staticmethod
     def _range(value, name, center=1, bound=(0, float('inf')), clip_at_zero=True):

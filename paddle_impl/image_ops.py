@@ -1,0 +1,171 @@
+"""C kernels for the data pipeline (csrc/image_ops.c), loaded with ctypes: no Paddle, no Python headers.
+
+``hue_shift_rgb`` is the hue shift of ColorJitter (loader.adjust_hue) on an 8-bit RGB image: Pillow's
+RGB -> HSV conversion, H += shift (mod 256), Pillow's HSV -> RGB conversion, with Pillow's own float/double
+arithmetic, so every output byte equals the PIL path's (tests/test_image_ops.py compares all 2^24 colours).
+It is the augmentation's most expensive PIL step (measured: about a third of the two-view pipeline's time).
+
+The C file is compiled once per machine with the system C compiler (``$CC``, default ``cc``; ~1 s) into
+``$MOCO_KERNEL_CACHE`` (default ``~/.cache/moco_v3_paddle``), named by a hash of the source, the flags, the
+compiler and the architecture; a file lock and an atomic rename make concurrent builders safe. The loader
+builds it in the parent process when a ColorJitter with a hue range is created, so DataLoader workers (forked
+or spawned) only load the cached library.
+
+Three variants are compiled into one library for baseline x86-64 (AVX-512, AVX2, generic) and the widest the
+CPU supports runs; ``MOCO_CPU_ISA=avx2|generic`` (as for cpu_kernels.py) forces a narrower one; ``set_isa``
+switches at run time (tests run every variant).
+
+``MOCO_IMAGE_KERNELS=0`` turns the kernels off (unset: they follow ``MOCO_CPU_KERNELS``); where the build
+fails (no compiler, say) one warning line is printed and PIL runs instead, with the same pixels.
+"""
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'image_ops.c')
+FLAGS = ('-O3', '-shared', '-fPIC', '-ffp-contract=off', '-fno-math-errno', '-fno-trapping-math')
+ISAS = ('generic', 'avx2', 'avx512')  # narrowest first; the index is the kernel's variant number
+_state = {'lib': None, 'tried': False, 'error': None, 'isa': None, 'supported': None}
+
+
+def _on(value):
+    return value.strip().lower() not in ('0', 'false', 'no', 'off')
+
+
+def enabled_by_env(env=None):
+    """MOCO_IMAGE_KERNELS when set, else MOCO_CPU_KERNELS; on by default."""
+    env = os.environ if env is None else env
+    own = env.get('MOCO_IMAGE_KERNELS', '').strip()
+    return _on(own) if own else _on(env.get('MOCO_CPU_KERNELS', '1'))
+
+
+def compiler():
+    """The C compiler command: $CC (may carry options), else `cc`."""
+    return shlex.split(os.environ.get('CC', '').strip() or 'cc')
+
+
+def cache_root():
+    return os.environ.get('MOCO_KERNEL_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'moco_v3_paddle')
+
+
+def library_path(cc=None):
+    """Where the library built from this source with these flags and this compiler lives."""
+    cc = compiler() if cc is None else cc
+    h = hashlib.sha256()
+    with open(_SRC, 'rb') as f:
+        h.update(f.read())
+    h.update('\0'.join(list(FLAGS) + cc).encode())
+    h.update(platform.machine().encode())
+    return os.path.join(cache_root(), f'moco_image_ops_{platform.machine()}_{h.hexdigest()[:12]}.so')
+
+
+def _compile(cc, path):
+    """Compile into a temporary file next to `path`, then rename it into place (atomic)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.build_', suffix='.so')
+    os.close(fd)
+    try:
+        try:
+            r = subprocess.run(cc + list(FLAGS) + ['-o', tmp, _SRC, '-lm'], capture_output=True, text=True,
+                               timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise RuntimeError(f'compiler {" ".join(cc)!r} could not run: {type(e).__name__}: {e}') from e
+        if r.returncode != 0:
+            lines = (r.stderr or r.stdout).splitlines()
+            first = next((ln.strip() for ln in lines if 'error' in ln.lower()), lines[0] if lines else '')
+            raise RuntimeError(f'compiling {_SRC} failed (exit {r.returncode}): {first[:200]}')
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build():
+    """The loaded library, compiled first where the cache has none (one process at a time)."""
+    import fcntl
+    cc = compiler()
+    path = library_path(cc)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not os.path.exists(path):
+        with open(path[:-3] + '.lock', 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not os.path.exists(path):  # another process may have built it while we waited
+                    _compile(cc, path)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    lib = ctypes.CDLL(path)
+    lib.moco_image_isa_supported.argtypes = []
+    lib.moco_image_isa_supported.restype = ctypes.c_int
+    lib.moco_hue_shift_rgb.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    lib.moco_hue_shift_rgb.restype = ctypes.c_int
+    return lib
+
+
+def get():
+    """The loaded kernel library, or None (turned off, or the build failed: one warning on stderr)."""
+    if _state['tried']:
+        return _state['lib']
+    _state['tried'] = True
+    if not enabled_by_env():
+        return None
+    try:
+        lib = _build()
+    except Exception as e:  # noqa: BLE001 - any build or load failure means: use PIL
+        _state['error'] = str(e)
+        first = str(e).splitlines()[0][:400] if str(e) else type(e).__name__
+        print(f'moco-v3 paddle: image kernels not built ({first}); using PIL for the hue shift '
+              f'(same pixels, slower; MOCO_IMAGE_KERNELS=0 hides this)', file=sys.stderr)
+        return None
+    _state['lib'] = lib
+    _state['supported'] = ISAS[lib.moco_image_isa_supported()]
+    _select_isa_from_env()
+    return lib
+
+
+def _select_isa_from_env():
+    want = os.environ.get('MOCO_CPU_ISA', '').strip().lower()
+    if want and want not in ISAS:  # cpu_kernels.py reports a bad value; here: the widest supported
+        want = ''
+    set_isa(want or None)
+
+
+def set_isa(name=None):
+    """Run variant `name` ('generic', 'avx2', 'avx512'; None: the widest this CPU supports) from now on; never
+    one wider than the CPU supports. Returns the variant now active."""
+    if _state['lib'] is None:
+        raise RuntimeError('the image kernels are not built')
+    best = ISAS.index(_state['supported'])
+    level = best if name is None else min(ISAS.index(name), best)
+    _state['isa'] = ISAS[level]
+    return _state['isa']
+
+
+def active_isa():
+    return _state['isa'] if get() is not None else None
+
+
+def supported_isas():
+    """The compiled variants this CPU can run, narrowest first ([] when the kernels are not built)."""
+    if get() is None:
+        return []
+    return list(ISAS[:ISAS.index(_state['supported']) + 1])
+
+
+def hue_shift_rgb(arr, shift):
+    """Shift the hue of `arr` (uint8, H x W x 3, C-contiguous, writable) in place by `shift` (mod 256) as PIL's
+    HSV round trip does. Returns False (and leaves `arr` alone) when the kernels are not available."""
+    lib = get()
+    if lib is None:
+        return False
+    if arr.dtype.name != 'uint8' or arr.ndim != 3 or arr.shape[2] != 3 or not arr.flags.c_contiguous \
+            or not arr.flags.writeable:
+        raise ValueError(f'hue_shift_rgb: expected a writable C-contiguous uint8 HxWx3 array, got {arr.dtype} '
+                         f'{arr.shape}')
+    ptr = arr.ctypes.data
+    lib.moco_hue_shift_rgb(ptr, ptr, arr.shape[0] * arr.shape[1], int(shift) % 256, ISAS.index(_state['isa']))
+    return True
