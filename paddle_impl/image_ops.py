@@ -103,6 +103,10 @@ def _build():
     lib.moco_image_isa_supported.restype = ctypes.c_int
     lib.moco_hue_shift_rgb.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     lib.moco_hue_shift_rgb.restype = ctypes.c_int
+    for name in ('moco_brightness_rgb', 'moco_contrast_rgb', 'moco_saturation_rgb'):
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int]
+        fn.restype = ctypes.c_int
     return lib
 
 
@@ -156,16 +160,32 @@ def supported_isas():
     return list(ISAS[:ISAS.index(_state['supported']) + 1])
 
 
+def _check(arr, what):
+    if arr.dtype.name != 'uint8' or arr.ndim != 3 or arr.shape[2] != 3 or not arr.flags.c_contiguous \
+            or not arr.flags.writeable:
+        raise ValueError(f'{what}: expected a writable C-contiguous uint8 HxWx3 array, got {arr.dtype} {arr.shape}')
+    return arr.ctypes.data, arr.shape[0] * arr.shape[1]
+
+
 def hue_shift_rgb(arr, shift):
     """Shift the hue of `arr` (uint8, H x W x 3, C-contiguous, writable) in place by `shift` (mod 256) as PIL's
     HSV round trip does. Returns False (and leaves `arr` alone) when the kernels are not available."""
     lib = get()
     if lib is None:
         return False
-    if arr.dtype.name != 'uint8' or arr.ndim != 3 or arr.shape[2] != 3 or not arr.flags.c_contiguous \
-            or not arr.flags.writeable:
-        raise ValueError(f'hue_shift_rgb: expected a writable C-contiguous uint8 HxWx3 array, got {arr.dtype} '
-                         f'{arr.shape}')
-    ptr = arr.ctypes.data
-    lib.moco_hue_shift_rgb(ptr, ptr, arr.shape[0] * arr.shape[1], int(shift) % 256, ISAS.index(_state['isa']))
+    ptr, npix = _check(arr, 'hue_shift_rgb')
+    lib.moco_hue_shift_rgb(ptr, ptr, npix, int(shift) % 256, ISAS.index(_state['isa']))
+    return True
+
+
+def enhance_rgb(arr, op, factor):
+    """PIL's ImageEnhance `op` ('brightness', 'contrast' or 'saturation' = ImageEnhance.Color) with `factor`,
+    in place on `arr` (as hue_shift_rgb), byte for byte. Returns False when the kernels are not available."""
+    lib = get()
+    if lib is None:
+        return False
+    fn = {'brightness': lib.moco_brightness_rgb, 'contrast': lib.moco_contrast_rgb,
+          'saturation': lib.moco_saturation_rgb}[op]
+    ptr, npix = _check(arr, f'enhance_rgb({op!r})')
+    fn(ptr, npix, float(factor), ISAS.index(_state['isa']))
     return True

@@ -122,29 +122,58 @@ def center_crop(img, size):
     return crop(img, top, left, crop_h, crop_w)
 
 
+# The four colour operations run in our C kernels (image_ops.py) on 8-bit RGB images, with the same bytes as
+# PIL's (tests/test_image_ops.py); other modes, or no kernels, take PIL's own path.
+_ENHANCE = {'brightness': ImageEnhance.Brightness, 'contrast': ImageEnhance.Contrast,
+            'saturation': ImageEnhance.Color}
+
+
+def _hue_shift(factor):
+    if not -0.5 <= factor <= 0.5:
+        raise ValueError(f'hue factor {factor} is not in [-0.5, 0.5]')
+    return int(factor * 255) % 256  # truncate toward zero, then wrap into uint8
+
+
+def _colour_op_array(arr, op, factor):
+    """One colour op in place on an RGB uint8 array with our kernels; False when they are not available."""
+    if op == 'hue':
+        return image_ops.hue_shift_rgb(arr, _hue_shift(factor))
+    return image_ops.enhance_rgb(arr, op, factor)
+
+
+def _colour_ops(img, ops):
+    """Apply [(op, factor), ...] in turn: through one array with our kernels where they apply, else PIL."""
+    if ops and img.mode == 'RGB' and image_ops.get() is not None:
+        arr = np.array(img, dtype=np.uint8)
+        for op, factor in ops:
+            _colour_op_array(arr, op, factor)
+        return Image.fromarray(arr, 'RGB')
+    for op, factor in ops:
+        img = _pil_hue(img, factor) if op == 'hue' else _ENHANCE[op](img).enhance(factor)
+    return img
+
+
 def adjust_brightness(img, factor):
-    return ImageEnhance.Brightness(img).enhance(factor)
+    return _colour_ops(img, [('brightness', factor)])
 
 
 def adjust_contrast(img, factor):
-    return ImageEnhance.Contrast(img).enhance(factor)
+    return _colour_ops(img, [('contrast', factor)])
 
 
 def adjust_saturation(img, factor):
-    return ImageEnhance.Color(img).enhance(factor)
+    return _colour_ops(img, [('saturation', factor)])
 
 
 def adjust_hue(img, factor):
     """Shift the hue by `factor` turns (in [-0.5, 0.5]) on PIL's 8-bit HSV, wrapping around."""
-    if not -0.5 <= factor <= 0.5:
-        raise ValueError(f'hue factor {factor} is not in [-0.5, 0.5]')
+    return _colour_ops(img, [('hue', factor)])
+
+
+def _pil_hue(img, factor):
+    shift = _hue_shift(factor)
     if img.mode in ('L', '1', 'I', 'F'):
         return img
-    shift = int(factor * 255) % 256  # truncate toward zero, then wrap into uint8
-    if img.mode == 'RGB':  # our C kernel (image_ops.py): the same bytes as the PIL round trip below
-        arr = np.array(img, dtype=np.uint8)
-        if image_ops.hue_shift_rgb(arr, shift):
-            return Image.fromarray(arr, 'RGB')
     h, s, v = img.convert('HSV').split()
     h = h.point(lambda x: (x + shift) % 256)
     return Image.merge('HSV', (h, s, v)).convert(img.mode)
@@ -331,8 +360,8 @@ class ColorJitter(Transform):
         self.contrast = self._range(contrast, 'contrast')
         self.saturation = self._range(saturation, 'saturation')
         self.hue = self._range(hue, 'hue', center=0, bound=(-0.5, 0.5), clip_at_zero=False)
-        if self.hue is not None:
-            image_ops.get()  # build the hue kernel now, in the parent, not in each DataLoader worker
+        if (self.brightness, self.contrast, self.saturation, self.hue) != (None,) * 4:
+            image_ops.get()  # build our colour kernels now, in the parent, not in each DataLoader worker
 
     @staticmethod
     def _range(value, name, center=1, bound=(0, float('inf')), clip_at_zero=True):
@@ -359,11 +388,8 @@ class ColorJitter(Transform):
 
     def apply(self, img, params):
         order, *factors = params
-        ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-        for k in order:
-            if factors[k] is not None:
-                img = ops[k](img, factors[k])
-        return img
+        names = ('brightness', 'contrast', 'saturation', 'hue')
+        return _colour_ops(img, [(names[k], factors[k]) for k in order if factors[k] is not None])
 
     def __repr__(self):
         return (f'ColorJitter(brightness={self.brightness}, contrast={self.contrast}, '

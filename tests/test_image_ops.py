@@ -1,11 +1,12 @@
 """The image kernels (paddle_impl/image_ops.py, csrc/image_ops.c) against PIL, the path they replace.
 
-The hue shift must give the bytes of PIL's own round trip (img.convert('HSV'), H + shift mod 256,
-convert('RGB')) -- the path torchvision takes on PIL images, and loader.adjust_hue's fallback. Checked on every
+Each kernel must give PIL's bytes -- the path torchvision takes on PIL images, and the loader's fallback:
+the hue shift PIL's own round trip (img.convert('HSV'), H + shift mod 256, convert('RGB')), checked on every
 one of the 2^24 RGB colours (a 4096 x 4096 image) for the shifts 0, 1, 127, 128, 255 and 231 (= the factor
--0.1: int(-25.5) = -25, wrapped), in every variant (AVX-512, AVX2, generic) this CPU runs; then the loader's
-ColorJitter with the kernel on and off, the fallback when no compiler is found (one warning, same pixels), the
-opt-out, and concurrent first builds.
+-0.1: int(-25.5) = -25, wrapped); brightness, contrast and saturation ImageEnhance's blends, on every colour
+for three factors and on small images for many; each in every variant (AVX-512, AVX2, generic) this CPU
+runs. Then the loader's ColorJitter with the kernels on and off, the fallback when no compiler is found (one
+warning, same pixels), the opt-out, and concurrent first builds.
 """
 import hashlib
 import io
@@ -15,7 +16,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from paddle_impl import image_ops
 from paddle_impl import loader as P
@@ -88,6 +89,44 @@ def test_a_wrong_shift_or_a_skipped_round_trip_is_caught(lib, cube):
     assert (_pil_shift(hsv_s, 0) != rgb_s).any(-1).mean() > 0.01
 
 
+ENHANCE = {'brightness': ImageEnhance.Brightness, 'contrast': ImageEnhance.Contrast,
+           'saturation': ImageEnhance.Color}
+
+
+def _small_images():
+    g = np.random.default_rng(3)
+    return [g.integers(0, 256, (61, 47, 3), dtype=np.uint8), g.integers(0, 40, (30, 20, 3), dtype=np.uint8),
+            g.integers(200, 256, (9, 70, 3), dtype=np.uint8), np.full((3, 5, 3), 7, np.uint8),
+            np.zeros((1, 1, 3), np.uint8)]
+
+
+@pytest.mark.parametrize('op', sorted(ENHANCE))
+def test_enhance_matches_pil(op, lib, cube):
+    """Brightness, contrast, saturation (ImageEnhance.Color) against PIL: every colour for three factors (the
+    ColorJitter ranges' ends and one inside), then small images (other contrast means) for many factors,
+    extrapolation (> 1, clipped) and 0 and 1 included; in every variant this CPU runs."""
+    rgb = cube[0]
+    factors = [0.0, 1.0, 0.6000001, 1.3999999, 2.5] + list(np.random.default_rng(4).uniform(0.5, 1.5, 12))
+    cases = [(rgb, f) for f in (0.6, 0.93, 1.4)] + [(a, f) for a in _small_images() for f in factors]
+    refs = [np.asarray(ENHANCE[op](Image.fromarray(a, 'RGB')).enhance(f)) for a, f in cases]
+    for isa in image_ops.supported_isas():
+        image_ops.set_isa(isa)
+        for (a, f), ref in zip(cases, refs):
+            out = a.copy()
+            assert image_ops.enhance_rgb(out, op, f)
+            assert np.array_equal(out, ref), f'{op} {isa} factor {f} on {a.shape}: ' + _describe(out, ref, a)
+    image_ops.set_isa(None)
+
+
+def test_a_wrong_factor_is_caught(lib):
+    a = _small_images()[0]
+    for op in ENHANCE:
+        out = a.copy()
+        image_ops.enhance_rgb(out, op, 1.25)
+        ref = np.asarray(ENHANCE[op](Image.fromarray(a, 'RGB')).enhance(1.26))
+        assert (out != ref).mean() > 0.05, op
+
+
 def test_set_isa_never_exceeds_the_cpu(lib):
     supported = image_ops.supported_isas()
     assert supported[0] == 'generic' and supported == list(image_ops.ISAS[:len(supported)])
@@ -103,6 +142,8 @@ def test_hue_shift_rejects_other_arrays(lib):
                 read_only):
         with pytest.raises(ValueError, match='uint8 HxWx3'):
             image_ops.hue_shift_rgb(bad, 3)
+        with pytest.raises(ValueError, match='uint8 HxWx3'):
+            image_ops.enhance_rgb(bad, 'contrast', 1.1)
 
 
 def _jpeg_images():
@@ -135,10 +176,16 @@ def test_colour_jitter_is_the_same_with_the_kernel_on_and_off(lib, monkeypatch):
             params = jitter.get_params(P.sample_rng(0, k, r), img)
             cases.append((img, params, jitter.apply(img, params)))
         for factor in (-0.5, -0.1, -0.004, 0.0, 0.004, 0.1, 0.5):
-            cases.append((img, factor, P.adjust_hue(img, factor)))
+            cases.append((img, ('hue', factor), P.adjust_hue(img, factor)))
+        for op in ('brightness', 'contrast', 'saturation'):
+            for factor in (0.6, 1.0, 1.37):
+                cases.append((img, (op, factor), getattr(P, f'adjust_{op}')(img, factor)))
     _kernels_off(monkeypatch)
     for img, params, on in cases:
-        off = P.adjust_hue(img, params) if isinstance(params, float) else jitter.apply(img, params)
+        if isinstance(params[0], str):
+            off = getattr(P, f'adjust_{params[0]}')(img, params[1])
+        else:
+            off = jitter.apply(img, params)
         assert on.mode == off.mode == 'RGB' and on.size == off.size
         assert np.array_equal(np.asarray(on), np.asarray(off)), params
 

@@ -124,21 +124,97 @@ static inline __attribute__((always_inline)) void hue_rows(const uint8_t *src, u
     }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,bmi2,prefer-vector-width=512")))
-static void hue_avx512(const uint8_t *src, uint8_t *dst, int64_t npix, int shift) {
-    hue_rows(src, dst, npix, shift);
+/* ---- Pillow's ImageEnhance (Brightness, Contrast, Color = saturation): Image.blend(degenerate, image, alpha)
+   with alpha = f32(factor); per byte, in f32: t = d + alpha * f32(x - d), then 0 if t <= 0, 255 if t >= 255,
+   else truncated (Pillow's interpolation branch for 0 <= alpha <= 1 gives the same bytes: t is in [0, 255]
+   there). d: 0 (brightness); the grey level of the mean luma, int(mean + 0.5) (contrast); the pixel's own
+   luma (saturation). Luma is Pillow's RGB -> L: (19595 r + 38470 g + 7471 b + 32768) >> 16. */
+
+static inline int32_t blend_byte(int32_t d, int32_t x, float alpha) {
+    float t = (float)d + alpha * (float)(x - d);
+    return t <= 0.0f ? 0 : (t >= 255.0f ? 255 : (int32_t)t);
 }
 
-__attribute__((target("avx2,bmi2")))
-static void hue_avx2(const uint8_t *src, uint8_t *dst, int64_t npix, int shift) {
-    hue_rows(src, dst, npix, shift);
+static inline int32_t luma(int32_t r, int32_t g, int32_t b) {
+    return (r * 19595 + g * 38470 + b * 7471 + 32768) >> 16;
 }
+
+/* every byte x -> blend(d, x, alpha), d fixed (brightness, contrast) */
+static inline __attribute__((always_inline)) void blend_const_rows(uint8_t *px, int64_t nbytes, int32_t d,
+                                                                   float alpha) {
+    for (int64_t k = 0; k < nbytes; ++k)
+        px[k] = (uint8_t)blend_byte(d, px[k], alpha);
+}
+
+/* the same through a 256-entry table: faster where the loop above is not vectorised (baseline x86-64) */
+static void blend_const_lut(uint8_t *px, int64_t nbytes, int32_t d, float alpha) {
+    uint8_t lut[256];
+    for (int32_t x = 0; x < 256; ++x)
+        lut[x] = (uint8_t)blend_byte(d, x, alpha);
+    for (int64_t k = 0; k < nbytes; ++k)
+        px[k] = lut[px[k]];
+}
+
+static inline __attribute__((always_inline)) int64_t luma_sum_rows(const uint8_t *px, int64_t npix) {
+    int64_t total = 0;
+    for (int64_t k = 0; k < npix; ++k)
+        total += luma(px[3 * k], px[3 * k + 1], px[3 * k + 2]);
+    return total;
+}
+
+static inline __attribute__((always_inline)) void saturation_rows(uint8_t *px, int64_t npix, float alpha) {
+    block_t B;
+    for (int64_t start = 0; start < npix; start += BLK) {
+        int n = (int)(npix - start < BLK ? npix - start : BLK);
+        uint8_t *io = px + 3 * start;
+        for (int k = 0; k < n; ++k) {
+            B.r[k] = io[3 * k];
+            B.g[k] = io[3 * k + 1];
+            B.b[k] = io[3 * k + 2];
+        }
+        for (int k = 0; k < n; ++k) {
+            int32_t l = luma(B.r[k], B.g[k], B.b[k]);
+            B.r[k] = blend_byte(l, B.r[k], alpha);
+            B.g[k] = blend_byte(l, B.g[k], alpha);
+            B.b[k] = blend_byte(l, B.b[k], alpha);
+        }
+        for (int k = 0; k < n; ++k) {
+            io[3 * k] = (uint8_t)B.r[k];
+            io[3 * k + 1] = (uint8_t)B.g[k];
+            io[3 * k + 2] = (uint8_t)B.b[k];
+        }
+    }
+}
+
+/* ---- variants: the same code compiled for AVX-512, AVX2 and baseline x86-64 (or only the last elsewhere) */
+#if defined(__x86_64__) && defined(__GNUC__)
 #define HAVE_X86_VARIANTS 1
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,bmi2,prefer-vector-width=512")))
+#define TARGET_AVX2 __attribute__((target("avx2,bmi2")))
+#define VARIANTS(ret, name, params, call)                          \
+    TARGET_AVX512 static ret name##_avx512 params { return call; } \
+    TARGET_AVX2 static ret name##_avx2 params { return call; }     \
+    static ret name##_generic params { return call; }
+#define DISPATCH(isa, name, args) \
+    ((isa) == 2 ? name##_avx512 args : (isa) == 1 ? name##_avx2 args : name##_generic args)
+#else
+#define VARIANTS(ret, name, params, call) static ret name##_generic params { return call; }
+#define DISPATCH(isa, name, args) (name##_generic args)
 #endif
 
-static void hue_generic(const uint8_t *src, uint8_t *dst, int64_t npix, int shift) {
-    hue_rows(src, dst, npix, shift);
+#define HUE_CALL (hue_rows(src, dst, npix, shift), 0)
+VARIANTS(int, hue, (const uint8_t *src, uint8_t *dst, int64_t npix, int shift), HUE_CALL)
+VARIANTS(int64_t, luma_sum, (const uint8_t *px, int64_t npix), luma_sum_rows(px, npix))
+#define SAT_CALL (saturation_rows(px, npix, alpha), 0)
+VARIANTS(int, saturation, (uint8_t *px, int64_t npix, float alpha), SAT_CALL)
+#define BLEND_CALL (blend_const_rows(px, nbytes, d, alpha), 0)
+VARIANTS(int, blend_vec, (uint8_t *px, int64_t nbytes, int32_t d, float alpha), BLEND_CALL)
+
+static void blend_const(int isa, uint8_t *px, int64_t nbytes, int32_t d, float alpha) {
+    if (isa == 0)
+        blend_const_lut(px, nbytes, d, alpha);
+    else
+        DISPATCH(isa, blend_vec, (px, nbytes, d, alpha));
 }
 
 /* the widest variant this CPU runs: 0 generic, 1 AVX2, 2 AVX-512 */
@@ -154,23 +230,43 @@ int moco_image_isa_supported(void) {
     return 0;
 }
 
-/* dst[k] = src[k] with the hue shifted by `shift` (mod 256) for npix interleaved RGB pixels (src == dst is
-   allowed); isa: the variant (clamped to what the CPU supports). Returns the variant that ran. */
-int moco_hue_shift_rgb(const uint8_t *src, uint8_t *dst, int64_t npix, int shift, int isa) {
+static int clamp_isa(int isa) {
     int best = moco_image_isa_supported();
-    if (isa < 0 || isa > best)
-        isa = best;
+    return (isa < 0 || isa > best) ? best : isa;
+}
+
+/* The exported kernels. Images: npix interleaved RGB pixels, C-contiguous; isa: the variant (clamped to what
+   the CPU supports). Each returns the variant that ran. */
+
+/* dst = src with the hue shifted by `shift` (mod 256); src == dst is allowed */
+int moco_hue_shift_rgb(const uint8_t *src, uint8_t *dst, int64_t npix, int shift, int isa) {
+    isa = clamp_isa(isa);
     shift &= 255;
-#ifdef HAVE_X86_VARIANTS
-    if (isa == 2) {
-        hue_avx512(src, dst, npix, shift);
-        return 2;
-    }
-    if (isa == 1) {
-        hue_avx2(src, dst, npix, shift);
-        return 1;
-    }
-#endif
-    hue_generic(src, dst, npix, shift);
-    return 0;
+    DISPATCH(isa, hue, (src, dst, npix, shift));
+    return isa;
+}
+
+/* ImageEnhance.Brightness(img).enhance(factor), in place */
+int moco_brightness_rgb(uint8_t *px, int64_t npix, double factor, int isa) {
+    isa = clamp_isa(isa);
+    blend_const(isa, px, 3 * npix, 0, (float)factor);
+    return isa;
+}
+
+/* ImageEnhance.Contrast(img).enhance(factor), in place */
+int moco_contrast_rgb(uint8_t *px, int64_t npix, double factor, int isa) {
+    isa = clamp_isa(isa);
+    if (npix <= 0)
+        return isa;
+    int64_t total = DISPATCH(isa, luma_sum, (px, npix));
+    int32_t mean = (int32_t)((double)total / (double)npix + 0.5);
+    blend_const(isa, px, 3 * npix, mean, (float)factor);
+    return isa;
+}
+
+/* ImageEnhance.Color(img).enhance(factor) (torchvision's adjust_saturation), in place */
+int moco_saturation_rgb(uint8_t *px, int64_t npix, double factor, int isa) {
+    isa = clamp_isa(isa);
+    DISPATCH(isa, saturation, (px, npix, (float)factor));
+    return isa;
 }
