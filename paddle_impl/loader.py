@@ -1,8 +1,9 @@
 """Data augmentation of MoCo v3 for Paddle: the twin of torch_ref/loader.py (official moco-v3/moco/loader.py
 and the transforms built in main_moco.py / main_lincls.py).
 
-Built on PIL + numpy only, so it runs in DataLoader worker processes without touching Paddle. Every image
-operation is the one torchvision's PIL path performs (tests/test_loader.py proves it pixel for pixel);
+Built on PIL + numpy (and, for ColorJitter on RGB images, our C kernels loaded with ctypes: image_ops.py),
+so it runs in DataLoader worker processes without touching Paddle. Every image operation is the one
+torchvision's PIL path performs (tests/test_loader.py and tests/test_image_ops.py prove it pixel for pixel);
 the output of ToTensor/Normalize is a float32 CHW numpy array, which paddle.io.DataLoader batches.
 
 Every random transform is split in two:

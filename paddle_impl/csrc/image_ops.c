@@ -1,9 +1,11 @@
-/* Image kernels for the data pipeline (paddle_impl/image_ops.py loads this with ctypes; no Python headers).
+/* Image kernels for the data pipeline (paddle_impl/image_ops.py loads this with ctypes; no Python headers):
+   the four ops of ColorJitter on interleaved 8-bit RGB pixels, each giving Pillow's bytes
+   (tests/test_image_ops.py compares all 2^24 colours). Written from the formulas below.
 
    moco_hue_shift_rgb: the hue shift of torchvision's PIL path (paddle_impl/loader.py adjust_hue), i.e.
-   Pillow's 8-bit RGB -> HSV conversion, H += shift (mod 256), Pillow's HSV -> RGB conversion, on interleaved
-   uint8 RGB pixels, with the same float/double arithmetic, so that every output byte equals Pillow's
-   (tests/test_image_ops.py compares all 2^24 colours).
+   Pillow's 8-bit RGB -> HSV conversion, H += shift (mod 256), Pillow's HSV -> RGB conversion, with the same
+   float/double arithmetic.
+   moco_brightness_rgb, moco_contrast_rgb, moco_saturation_rgb: ImageEnhance's blends (further below).
 
    The arithmetic, step by step (f32 = float, f64 = double; the order of operations matters):
      RGB -> HSV:  v = max(r, g, b), m = min(r, g, b); grey (v == m): h = s = 0. Otherwise
@@ -21,7 +23,6 @@
    Pixels are processed in blocks: de-interleaved into planar arrays, then branch-free loops the compiler
    vectorises; three variants (AVX-512, AVX2, baseline x86-64) are compiled from the same code and the
    caller picks one (moco_image_isa_supported says which the CPU runs). */
-#include <math.h>
 #include <stdint.h>
 
 #define BLK 256
