@@ -1,10 +1,10 @@
 """Data augmentation of MoCo v3 for Paddle: the twin of torch_ref/loader.py (official moco-v3/moco/loader.py
 and the transforms built in main_moco.py / main_lincls.py).
 
-Built on PIL + numpy (and, for ColorJitter on RGB images, our C kernels loaded with ctypes: image_ops.py),
-so it runs in DataLoader worker processes without touching Paddle. Every image operation is the one
-torchvision's PIL path performs (tests/test_loader.py and tests/test_image_ops.py prove it pixel for pixel);
-the output of ToTensor/Normalize is a float32 CHW numpy array, which paddle.io.DataLoader batches.
+Built on PIL + numpy, and on RGB images our C kernels for ColorJitter and the blur (image_ops.py, loaded
+with ctypes), so it runs in DataLoader worker processes without touching Paddle. Every image operation is
+the one torchvision's PIL path performs (tests/test_loader.py and tests/test_image_ops.py prove it pixel for
+pixel); the output of ToTensor/Normalize is a float32 CHW numpy array, which paddle.io.DataLoader batches.
 
 Every random transform is split in two:
   get_params(rng, img) -> params   draws the random parameters, and only from `rng`;
@@ -418,11 +418,16 @@ class GaussianBlur(Transform):
 
     def __init__(self, sigma=[.1, 2.]):
         self.sigma = sigma
+        image_ops.get()  # build our kernels now, in the parent, not in each DataLoader worker
 
     def get_params(self, rng, img=None):
         return rng.uniform(self.sigma[0], self.sigma[1])
 
     def apply(self, img, params):
+        if img.mode == 'RGB' and image_ops.get() is not None:  # our C kernel: PIL's bytes (test_image_ops.py)
+            arr = np.array(img, dtype=np.uint8)
+            if image_ops.gaussian_blur_rgb(arr, params):
+                return Image.fromarray(arr, 'RGB')
         return img.filter(ImageFilter.GaussianBlur(radius=params))
 
     def __repr__(self):

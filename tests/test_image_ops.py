@@ -4,8 +4,9 @@ Each kernel must give PIL's bytes -- the path torchvision takes on PIL images, a
 the hue shift PIL's own round trip (img.convert('HSV'), H + shift mod 256, convert('RGB')), checked on every
 one of the 2^24 RGB colours (a 4096 x 4096 image) for the shifts 0, 1, 127, 128, 255 and 231 (= the factor
 -0.1: int(-25.5) = -25, wrapped); brightness, contrast and saturation ImageEnhance's blends, on every colour
-for three factors and on small images for many; each in every variant (AVX-512, AVX2, generic) this CPU
-runs. Then the loader's ColorJitter with the kernels on and off, the fallback when no compiler is found (one
+for three factors and on small images for many; the Gaussian blur on random images for many radii; each in
+every variant (AVX-512, AVX2, generic) this CPU runs. Then the loader's ColorJitter and blur with the kernels
+on and off, the fallback when no compiler is found (one
 warning, same pixels), the opt-out, and concurrent first builds.
 """
 import hashlib
@@ -16,7 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageFilter
 
 from paddle_impl import image_ops
 from paddle_impl import loader as P
@@ -118,6 +119,26 @@ def test_enhance_matches_pil(op, lib, cube):
     image_ops.set_isa(None)
 
 
+BLUR_SHAPES = [(224, 224), (224, 97), (1, 1), (2, 5), (7, 3), (3, 300)]
+
+
+def test_gaussian_blur_matches_pil(lib):
+    """ImageFilter.GaussianBlur against PIL on random images (the SimCLR range 0.1-2 and beyond; images narrower
+    than the box, so the clamped edges meet), in every variant this CPU runs."""
+    g = np.random.default_rng(6)
+    sigmas = [0.1, 2.0, 0.5, 1.0, 1.5, 0.10001, 1.99999, 5.0, 12.3] + [float(x) for x in g.uniform(0.1, 2.0, 12)]
+    images = [g.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in BLUR_SHAPES]
+    refs = {(k, s): np.asarray(Image.fromarray(a, 'RGB').filter(ImageFilter.GaussianBlur(radius=s)))
+            for k, a in enumerate(images) for s in sigmas}
+    for isa in image_ops.supported_isas():
+        image_ops.set_isa(isa)
+        for (k, s), ref in refs.items():
+            out = images[k].copy()
+            assert image_ops.gaussian_blur_rgb(out, s)
+            assert np.array_equal(out, ref), f'{isa} sigma {s} on {out.shape}: ' + _describe(out, ref, images[k])
+    image_ops.set_isa(None)
+
+
 def test_a_wrong_factor_is_caught(lib):
     a = _small_images()[0]
     for op in ENHANCE:
@@ -125,6 +146,10 @@ def test_a_wrong_factor_is_caught(lib):
         image_ops.enhance_rgb(out, op, 1.25)
         ref = np.asarray(ENHANCE[op](Image.fromarray(a, 'RGB')).enhance(1.26))
         assert (out != ref).mean() > 0.05, op
+    out = a.copy()
+    image_ops.gaussian_blur_rgb(out, 1.0)
+    ref = np.asarray(Image.fromarray(a, 'RGB').filter(ImageFilter.GaussianBlur(radius=1.05)))
+    assert (out != ref).mean() > 0.05
 
 
 def test_set_isa_never_exceeds_the_cpu(lib):
@@ -167,9 +192,9 @@ def _kernels_off(monkeypatch):
     monkeypatch.setitem(image_ops._state, 'tried', True)
 
 
-def test_colour_jitter_is_the_same_with_the_kernel_on_and_off(lib, monkeypatch):
+def test_colour_jitter_and_blur_are_the_same_with_the_kernels_on_and_off(lib, monkeypatch):
     images = _jpeg_images()
-    jitter = P.ColorJitter(0.4, 0.4, 0.2, 0.1)
+    jitter, blur = P.ColorJitter(0.4, 0.4, 0.2, 0.1), P.GaussianBlur([.1, 2.])
     cases = []
     for k, img in enumerate(images):
         for r in range(6):
@@ -180,9 +205,13 @@ def test_colour_jitter_is_the_same_with_the_kernel_on_and_off(lib, monkeypatch):
         for op in ('brightness', 'contrast', 'saturation'):
             for factor in (0.6, 1.0, 1.37):
                 cases.append((img, (op, factor), getattr(P, f'adjust_{op}')(img, factor)))
+        for sigma in (0.1, 0.77, 2.0):
+            cases.append((img, ('blur', sigma), blur.apply(img, sigma)))
     _kernels_off(monkeypatch)
     for img, params, on in cases:
-        if isinstance(params[0], str):
+        if params[0] == 'blur':
+            off = blur.apply(img, params[1])
+        elif isinstance(params[0], str):
             off = getattr(P, f'adjust_{params[0]}')(img, params[1])
         else:
             off = jitter.apply(img, params)

@@ -1,11 +1,12 @@
 /* Image kernels for the data pipeline (paddle_impl/image_ops.py loads this with ctypes; no Python headers):
-   the four ops of ColorJitter on interleaved 8-bit RGB pixels, each giving Pillow's bytes
-   (tests/test_image_ops.py compares all 2^24 colours). Written from the formulas below.
+   the four ops of ColorJitter and the Gaussian blur on interleaved 8-bit RGB pixels, each giving Pillow's
+   bytes (tests/test_image_ops.py checks them against Pillow). Written from the formulas below.
 
    moco_hue_shift_rgb: the hue shift of torchvision's PIL path (paddle_impl/loader.py adjust_hue), i.e.
    Pillow's 8-bit RGB -> HSV conversion, H += shift (mod 256), Pillow's HSV -> RGB conversion, with the same
    float/double arithmetic.
    moco_brightness_rgb, moco_contrast_rgb, moco_saturation_rgb: ImageEnhance's blends (further below).
+   moco_gaussian_blur_rgb: ImageFilter.GaussianBlur, Pillow's box-blur approximation (further below).
 
    The arithmetic, step by step (f32 = float, f64 = double; the order of operations matters):
      RGB -> HSV:  v = max(r, g, b), m = min(r, g, b); grey (v == m): h = s = 0. Otherwise
@@ -23,7 +24,10 @@
    Pixels are processed in blocks: de-interleaved into planar arrays, then branch-free loops the compiler
    vectorises; three variants (AVX-512, AVX2, baseline x86-64) are compiled from the same code and the
    caller picks one (moco_image_isa_supported says which the CPU runs). */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define BLK 256
 
@@ -187,6 +191,72 @@ static inline __attribute__((always_inline)) void saturation_rows(uint8_t *px, i
     }
 }
 
+/* ---- Pillow's GaussianBlur(sigma) (ImageFilter.GaussianBlur, torchvision-free SimCLR blur): three passes of
+   an extended box blur along x, then three along y, each rounded to 8 bits. The box radius rf (f32) comes
+   from sigma as in Gwosdek et al. (SSVM 2011): s2 = sigma^2 / 3; L = f32(sqrt(f64(12 s2 + 1)));
+   l = f32(floor((L - 1) / 2)); a = (2l + 1)(l(l + 1) - 3 s2) / (6 (s2 - (l + 1)^2)) (f32); rf = l + a.
+   One pass with r = int(rf), ww = u32(f32(2^24) / (2 rf + 1)) (f32 division, truncated), fw = (2^24 - (2r + 1)
+   ww) / 2 (integer), indices clamped to the line: out[i] = (ww * sum(in[i-r .. i+r]) + fw * (in[i-r-1] +
+   in[i+r+1]) + 2^23) >> 24, exact in 32-bit unsigned integers (the sum of the weights is at most 2^24). */
+
+static float blur_box_radius(float sigma) {
+    float s2 = sigma * sigma / 3;
+    float L = (float)sqrt(12.0 * (double)s2 + 1.0);
+    float l = (float)floor(((double)L - 1.0) / 2.0);
+    float a = (2 * l + 1) * (l * (l + 1) - 3 * s2);
+    a /= 6 * (s2 - (l + 1) * (l + 1));
+    return l + a;
+}
+
+static inline int64_t clamp_line(int64_t i, int64_t n) {
+    return i < 0 ? 0 : (i >= n ? n - 1 : i);
+}
+
+/* one pass along axis 0 of an n x m byte array (m bytes per line), in -> out (not aliased) */
+static inline __attribute__((always_inline)) void box_pass_lines(const uint8_t *in, uint8_t *out, int64_t n,
+                                                                 int64_t m, int r, uint32_t ww, uint32_t fw,
+                                                                 uint32_t *acc) {
+    for (int64_t j = 0; j < m; ++j)
+        acc[j] = 0;
+    for (int64_t k = -r; k <= r; ++k) {
+        const uint8_t *line = in + clamp_line(k, n) * m;
+        for (int64_t j = 0; j < m; ++j)
+            acc[j] += line[j];
+    }
+    for (int64_t y = 0; y < n; ++y) {
+        const uint8_t *lo = in + clamp_line(y - r - 1, n) * m, *hi = in + clamp_line(y + r + 1, n) * m;
+        const uint8_t *drop = in + clamp_line(y - r, n) * m;
+        uint8_t *o = out + y * m;
+        for (int64_t j = 0; j < m; ++j) {
+            o[j] = (uint8_t)((acc[j] * ww + ((uint32_t)lo[j] + hi[j]) * fw + (1u << 23)) >> 24);
+            acc[j] += (uint32_t)hi[j] - drop[j];  /* the window of y + 1 (mod 2^32: the true sum is >= 0) */
+        }
+    }
+}
+
+/* h x w x 3 -> w x h x 3 */
+static void transpose_rgb(const uint8_t *in, uint8_t *out, int64_t h, int64_t w) {
+    for (int64_t y = 0; y < h; ++y)
+        for (int64_t x = 0; x < w; ++x) {
+            const uint8_t *s = in + 3 * (y * w + x);
+            uint8_t *d = out + 3 * (x * h + y);
+            d[0] = s[0];
+            d[1] = s[1];
+            d[2] = s[2];
+        }
+}
+
+/* three passes along axis 0: a -> b -> a -> b */
+static inline __attribute__((always_inline)) void box_3passes(uint8_t *a, uint8_t *b, int64_t n, int64_t m,
+                                                              float rf, uint32_t *acc) {
+    int r = (int)rf;
+    uint32_t ww = (uint32_t)((float)(1u << 24) / (rf * 2 + 1));
+    uint32_t fw = ((1u << 24) - (uint32_t)(r * 2 + 1) * ww) / 2;
+    box_pass_lines(a, b, n, m, r, ww, fw, acc);
+    box_pass_lines(b, a, n, m, r, ww, fw, acc);
+    box_pass_lines(a, b, n, m, r, ww, fw, acc);
+}
+
 /* ---- variants: the same code compiled for AVX-512, AVX2 and baseline x86-64 (or only the last elsewhere) */
 #if defined(__x86_64__) && defined(__GNUC__)
 #define HAVE_X86_VARIANTS 1
@@ -217,6 +287,9 @@ static void blend_const(int isa, uint8_t *px, int64_t nbytes, int32_t d, float a
     else
         DISPATCH(isa, blend_vec, (px, nbytes, d, alpha));
 }
+
+#define BOX_CALL (box_3passes(a, b, n, m, rf, acc), 0)
+VARIANTS(int, box3, (uint8_t *a, uint8_t *b, int64_t n, int64_t m, float rf, uint32_t *acc), BOX_CALL)
 
 /* the widest variant this CPU runs: 0 generic, 1 AVX2, 2 AVX-512 */
 int moco_image_isa_supported(void) {
@@ -269,5 +342,34 @@ int moco_contrast_rgb(uint8_t *px, int64_t npix, double factor, int isa) {
 int moco_saturation_rgb(uint8_t *px, int64_t npix, double factor, int isa) {
     isa = clamp_isa(isa);
     DISPATCH(isa, saturation, (px, npix, (float)factor));
+    return isa;
+}
+
+/* ImageFilter.GaussianBlur(sigma) on an h x w RGB image, in place. Returns the variant that ran, or -1 (the
+   image unchanged) for a radius that is not finite or when the work buffers could not be allocated. */
+int moco_gaussian_blur_rgb(uint8_t *px, int64_t h, int64_t w, double sigma, int isa) {
+    isa = clamp_isa(isa);
+    float rf = blur_box_radius((float)sigma);
+    if (!(rf >= 0.0f && rf < 1e6f))  /* not a finite radius: leave it to the caller (PIL) */
+        return -1;
+    if (h <= 0 || w <= 0 || rf == 0.0f)
+        return isa;
+    int64_t nbytes = 3 * h * w;
+    uint8_t *t1 = malloc((size_t)nbytes), *t2 = malloc((size_t)nbytes);
+    uint32_t *acc = malloc(sizeof(uint32_t) * (size_t)(3 * (h > w ? h : w)));
+    if (!t1 || !t2 || !acc) {
+        free(t1);
+        free(t2);
+        free(acc);
+        return -1;
+    }
+    transpose_rgb(px, t1, h, w);                     /* lines along x: w lines of 3h bytes */
+    DISPATCH(isa, box3, (t1, t2, w, 3 * h, rf, acc)); /* result in t2 */
+    transpose_rgb(t2, px, w, h);
+    DISPATCH(isa, box3, (px, t1, h, 3 * w, rf, acc)); /* lines along y; result in t1 */
+    memcpy(px, t1, (size_t)nbytes);
+    free(t1);
+    free(t2);
+    free(acc);
     return isa;
 }
