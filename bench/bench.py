@@ -154,12 +154,16 @@ class TorchStep:
 
 
 class PaddleStep:
+    """The product's own training step (paddle_impl/engine.py moco_training_setup + moco_step, what main_moco
+    runs every iteration): learning-rate schedule at its peak value, forward, gradients released
+    (clear_grad(set_to_zero=False), as torch's zero_grad), backward, optimizer step."""
+
     def __init__(self, model_name, size, device='cpu'):
         import paddle
-        from paddle_impl.layers import model_parameters
+        from paddle_impl import engine
         from paddle_impl.models import build_moco
-        from paddle_impl.optimizer import build_optimizer
         self.paddle = paddle
+        self.engine = engine
         cfg = MODELS[model_name]
         paddle.set_device('gpu' if device == 'gpu' else 'cpu')
         self.amp = device == 'gpu'
@@ -167,22 +171,18 @@ class PaddleStep:
         self.model = build_moco(cfg['arch'], size['dim'], size['mlp_dim'], cfg['T'], size['img_size'],
                                 cfg['stop_grad_conv1'], **_vit_kwargs(cfg, size))
         self.model.train()
-        self.optimizer = build_optimizer(cfg['optimizer'], model_parameters(self.model),
-                                         cfg['lr'] * size['batch'] / 256, cfg['weight_decay'])
-        self.scaler = paddle.amp.GradScaler(enable=self.amp, init_loss_scaling=2. ** 16)
+        # the official --lr is for a batch of 256: moco_training_setup scales it by the batch, as main_moco
+        self.optimizer, self.scaler, self.lr = engine.moco_training_setup(
+            self.model, cfg['optimizer'], cfg['lr'], size['batch'], cfg['weight_decay'], amp=self.amp)
         x1, x2 = _inputs(size)
         self.x1 = paddle.to_tensor(x1)
         self.x2 = paddle.to_tensor(x2)
 
     def __call__(self):
-        paddle = self.paddle
-        with paddle.amp.auto_cast(enable=self.amp, dtype='float16', level='O1'):
-            loss = self.model(self.x1, self.x2, MOMENTUM)
-        self.optimizer.clear_grad()
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return float(loss)  # waits for the device
+        # e=0 of a 1-epoch cosine schedule without warm-up: the learning rate is the peak, as torch's step
+        res = self.engine.moco_step(self.model, self.x1, self.x2, self.optimizer, self.scaler, e=0., lr=self.lr,
+                                    epochs=1, warmup_epochs=0, moco_m=MOMENTUM, moco_m_cos=False, amp=self.amp)
+        return res.loss  # a Python float: waits for the device
 
     def peak_device_memory(self):
         return int(self.paddle.device.cuda.max_memory_allocated())
