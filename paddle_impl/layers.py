@@ -624,26 +624,45 @@ def layer_norm_k(x, weight, bias, epsilon):
     return cpu_kernels.get().moco_layer_norm(cpu_kernels.contiguous(x), weight, bias, float(epsilon))[0]
 
 
-def _conv_forward(x, weight, geom, out_hw):
-    """y = conv(x, weight): columns [C*KH*KW, N*L] for the whole batch, one GEMM [Co, C*KH*KW] @ cols, then
-    [Co, N, L] -> [N, Co, L] (a dense transpose)."""
+# The column matrix of one im2col GEMM is kept under this many bytes by splitting the batch into groups of
+# images (ResNet-50 at batch 8: the stem's and layer 1's 3x3 columns are ~58 MB for the whole batch, 9x their
+# input; layers 3-4 stay one GEMM over the batch). Peak memory; the GEMMs keep >= 6000 columns each.
+COLS_CAP_BYTES = 16 * 2 ** 20
+
+
+def _batch_groups(x, weight, out_hw):
+    """[(start, stop)] over the batch so that each group's columns stay under COLS_CAP_BYTES (one image at least)."""
     n = x.shape[0]
+    per_image = int(np.prod(weight.shape[1:])) * out_hw[0] * out_hw[1] * x.element_size()
+    step = max(1, min(n, COLS_CAP_BYTES // max(per_image, 1)))
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def _conv_forward(x, weight, geom, out_hw):
+    """y = conv(x, weight): per group of images (_batch_groups), columns [C*KH*KW, n*L], one GEMM
+    [Co, C*KH*KW] @ cols, then [Co, n, L] -> [n, Co, L] (a dense transpose)."""
     co = weight.shape[0]
-    cols = cpu_kernels.get().moco_im2col(x, *geom, True)
-    y = paddle.matmul(weight.reshape([co, -1]), cols).reshape([co, n, -1])
-    return _dense_transpose(y, [1, 0, 2]).reshape([n, co, *out_hw])
+    w2 = weight.reshape([co, -1])
+    ys = []
+    for a, b in _batch_groups(x, weight, out_hw):
+        xg = x if (a, b) == (0, x.shape[0]) else cpu_kernels.contiguous(x[a:b])
+        y = paddle.matmul(w2, cpu_kernels.get().moco_im2col(xg, *geom, True)).reshape([co, b - a, -1])
+        ys.append(_dense_transpose(y, [1, 0, 2]).reshape([b - a, co, *out_hw]))
+    return ys[0] if len(ys) == 1 else paddle.concat(ys, axis=0)
 
 
 class _Conv2dK(PyLayer):
-    """Convolution (groups 1, dilation 1, no bias) as our parallel im2col + one GEMM over the whole batch
-    (MKL). Backward: dy as [Co, N*L]; dW = dy @ cols^T (the columns are rebuilt rather than kept: memory),
-    dx = col2im(W^T @ dy). Three large GEMMs instead of one small GEMM per image (layer 4 of ResNet-50: L = 49)."""
+    """Convolution (groups 1, dilation 1, no bias) as our parallel im2col + one GEMM per group of images (MKL;
+    the whole batch unless its columns exceed COLS_CAP_BYTES). Backward per group: dy as [Co, n*L];
+    dW += dy @ cols^T (the columns are rebuilt rather than kept: memory), dx = col2im(W^T @ dy). Large GEMMs
+    instead of one small GEMM per image (layer 4 of ResNet-50: L = 49)."""
 
     @staticmethod
     def forward(ctx, x, weight, geom, out_hw):
         x = cpu_kernels.contiguous(x)
         ctx.save_for_backward(x, weight)
         ctx.geom = geom
+        ctx.out_hw = out_hw
         ctx.needs = (not x.stop_gradient, not weight.stop_gradient)
         return _conv_forward(x, weight, geom, out_hw)
 
@@ -654,15 +673,22 @@ class _Conv2dK(PyLayer):
         k = cpu_kernels.get()
         n, c, h, w = x.shape
         co = weight.shape[0]
-        dy_cn = _dense_transpose(dy.reshape([n, co, -1]), [1, 0, 2]).reshape([co, -1])
-        dx = dw = None
-        if need_w:
-            cols = k.moco_im2col(x, *ctx.geom, True)
-            dw = paddle.matmul(dy_cn, cols, transpose_y=True).reshape(weight.shape)
-        if need_x:
-            dcols = paddle.matmul(weight.reshape([co, -1]), dy_cn, transpose_x=True)
-            dx = k.moco_col2im(dcols, n, c, h, w, *ctx.geom, True)
-        return dx, dw
+        w2 = weight.reshape([co, -1])
+        dxs, dw = [], None
+        for a, b in _batch_groups(x, weight, ctx.out_hw):
+            whole = (a, b) == (0, n)
+            dyg = dy if whole else dy[a:b]
+            dy_cn = _dense_transpose(dyg.reshape([b - a, co, -1]), [1, 0, 2]).reshape([co, -1])
+            if need_w:
+                cols = k.moco_im2col(x if whole else cpu_kernels.contiguous(x[a:b]), *ctx.geom, True)
+                part = paddle.matmul(dy_cn, cols, transpose_y=True)
+                del cols
+                dw = part if dw is None else paddle.add(dw, part)
+            if need_x:
+                dcols = paddle.matmul(w2, dy_cn, transpose_x=True)
+                dxs.append(k.moco_col2im(dcols, b - a, c, h, w, *ctx.geom, True))
+        dx = (dxs[0] if len(dxs) == 1 else paddle.concat(dxs, axis=0)) if need_x else None
+        return dx, dw.reshape(weight.shape) if need_w else None
 
 
 def conv2d_k(x, weight, stride, padding):

@@ -140,3 +140,45 @@ def test_vit_same_numbers_with_plain_module_calls():
     for a, b in zip(fused, plain):
         assert _rel(a, b) < 1e-12
 
+
+
+class _Im2colRecorder:
+    """cpu_kernels.get() stand-in that records the byte size of every column matrix our convolution builds."""
+
+    def __init__(self, module):
+        self.module = module
+        self.sizes = []
+
+    def moco_im2col(self, x, *args):
+        cols = self.module.moco_im2col(x, *args)
+        self.sizes.append(int(cols.size) * cols.element_size())
+        return cols
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+@pytest.mark.parametrize('images_per_group', [1, 3])
+def test_conv_columns_split_by_batch(monkeypatch, images_per_group):
+    """With the column matrix capped at `images_per_group` images, the convolution builds only columns under
+    the cap (forward and backward) and gives the same output and gradients as F.conv2d in float64."""
+    rng = np.random.default_rng(6)
+    x0 = rng.standard_normal((7, 3, 13, 11))
+    w0 = rng.standard_normal((5, 3, 3, 3))
+    dy0 = rng.standard_normal((7, 5, 7, 6))
+    per_image = 3 * 3 * 3 * 7 * 6 * 8
+    monkeypatch.setattr(layers, 'COLS_CAP_BYTES', per_image * images_per_group)
+    rec = _Im2colRecorder(cpu_kernels.get())
+    monkeypatch.setattr(cpu_kernels, 'get', lambda: rec)
+    x, w = _t(x0), _t(w0)
+    y = layers.conv2d_k(x, w, [2, 2], [1, 1])
+    dx, dw = paddle.grad(y, [x, w], _t(dy0, False))
+    groups = -(-7 // images_per_group)
+    assert len(rec.sizes) == 2 * groups  # forward and the weight gradient, per group
+    assert max(rec.sizes) <= per_image * images_per_group
+    xr, wr = _t(x0), _t(w0)
+    yr = F.conv2d(xr, wr, stride=2, padding=1)
+    dxr, dwr = paddle.grad(yr, [xr, wr], _t(dy0, False))
+    assert _rel(y.numpy(), yr.numpy()) < 1e-13
+    assert _rel(dx.numpy(), dxr.numpy()) < 1e-13
+    assert _rel(dw.numpy(), dwr.numpy()) < 1e-13
