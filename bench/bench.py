@@ -291,6 +291,9 @@ class Worker:
             import torch_ref.loader as loader
         self.paths = paths
         self.aug = loader.TwoCropsTransform(*loader.build_augmentations(img_size, crop_min))
+        if self.framework == 'paddle':  # our C image kernels: the variant that runs (None: PIL's own code)
+            from paddle_impl import image_ops
+            return {'image_kernels_isa': image_ops.active_isa()}
         return {}
 
     def op_aug(self):
@@ -483,11 +486,12 @@ def measure_aug(size, log, env=None):
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(tmp, size['aug_images'], size['aug_size'])
         with Pair('cpu', role='aug', env=env) as w:
-            for x in w.values():
-                x.call('aug_setup', paths=paths, img_size=size['aug_crop'], crop_min=CROP_MIN)
+            setup = {fw: x.call('aug_setup', paths=paths, img_size=size['aug_crop'], crop_min=CROP_MIN)
+                     for fw, x in w.items()}
             res = alternate(w, 'aug', warmup=1, reps=size['aug_reps'], settle=0.05)
     t = {fw: _median([r['time'] for r in res[fw]]) for fw in res}
     out = item(len(paths) / t['paddle'], len(paths) / t['torch'], 'images/s', images=len(paths),
+               image_kernels_isa=setup['paddle'].get('image_kernels_isa'),
                image_size=list(size['aug_size']), crop=size['aug_crop'], views=2, threads=1,
                statistic='median', load_average=[load0, _load()])
     log(f'augmentation: paddle {out["paddle"]:.1f}, torch {out["torch"]:.1f} images/s')
@@ -543,7 +547,8 @@ def machine_info(framework=None, device='cpu'):
     info['env'] = {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'MKL_ENABLE_INSTRUCTIONS',
                                                   'OMP_WAIT_POLICY', 'KMP_BLOCKTIME', 'MALLOC_MMAP_MAX_',
                                                   'MALLOC_TRIM_THRESHOLD_', 'MOCO_MALLOC_TUNE', 'MOCO_CPU_KERNELS',
-                                                  'MOCO_CPU_ISA', 'ATEN_CPU_CAPABILITY', 'DNNL_MAX_CPU_ISA')}
+                                                  'MOCO_CPU_ISA', 'MOCO_IMAGE_KERNELS', 'ATEN_CPU_CAPABILITY',
+                                                  'DNNL_MAX_CPU_ISA')}
     info['python'] = platform.python_version()
     info['platform'] = platform.platform()
     versions = {}
