@@ -10,7 +10,7 @@ $(foreach kv,$(MACHINE_ENV),$(eval export $(kv)))
 # torch and paddle in one process (parity, tests): idle OpenMP threads sleep instead of spinning
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv test parity demo bench clean
+.PHONY: venv test parity demo bench bench-avx2 clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) -m bench.bench --allocator both --out bench/results.json
+
+# the same items with both frameworks capped at AVX2/FMA (MKL, oneDNN, ATen, our kernels): an AVX2 machine's
+# code paths, measured on a wider CPU
+bench-avx2: $(STAMP)
+	$(VPY) -m bench.bench --isa avx2 --allocator both --no-inference --out bench/results_avx2.json
 
 clean:
 	rm -rf $(VENV)

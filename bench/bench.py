@@ -154,12 +154,16 @@ class TorchStep:
 
 
 class PaddleStep:
+    """The product's own training step (paddle_impl/engine.py moco_training_setup + moco_step, what main_moco
+    runs every iteration): learning-rate schedule at its peak value, forward, gradients released
+    (clear_grad(set_to_zero=False), as torch's zero_grad), backward, optimizer step."""
+
     def __init__(self, model_name, size, device='cpu'):
         import paddle
-        from paddle_impl.layers import model_parameters
+        from paddle_impl import engine
         from paddle_impl.models import build_moco
-        from paddle_impl.optimizer import build_optimizer
         self.paddle = paddle
+        self.engine = engine
         cfg = MODELS[model_name]
         paddle.set_device('gpu' if device == 'gpu' else 'cpu')
         self.amp = device == 'gpu'
@@ -167,22 +171,18 @@ class PaddleStep:
         self.model = build_moco(cfg['arch'], size['dim'], size['mlp_dim'], cfg['T'], size['img_size'],
                                 cfg['stop_grad_conv1'], **_vit_kwargs(cfg, size))
         self.model.train()
-        self.optimizer = build_optimizer(cfg['optimizer'], model_parameters(self.model),
-                                         cfg['lr'] * size['batch'] / 256, cfg['weight_decay'])
-        self.scaler = paddle.amp.GradScaler(enable=self.amp, init_loss_scaling=2. ** 16)
+        # the official --lr is for a batch of 256: moco_training_setup scales it by the batch, as main_moco
+        self.optimizer, self.scaler, self.lr = engine.moco_training_setup(
+            self.model, cfg['optimizer'], cfg['lr'], size['batch'], cfg['weight_decay'], amp=self.amp)
         x1, x2 = _inputs(size)
         self.x1 = paddle.to_tensor(x1)
         self.x2 = paddle.to_tensor(x2)
 
     def __call__(self):
-        paddle = self.paddle
-        with paddle.amp.auto_cast(enable=self.amp, dtype='float16', level='O1'):
-            loss = self.model(self.x1, self.x2, MOMENTUM)
-        self.optimizer.clear_grad()
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return float(loss)  # waits for the device
+        # e=0 of a 1-epoch cosine schedule without warm-up: the learning rate is the peak, as torch's step
+        res = self.engine.moco_step(self.model, self.x1, self.x2, self.optimizer, self.scaler, e=0., lr=self.lr,
+                                    epochs=1, warmup_epochs=0, moco_m=MOMENTUM, moco_m_cos=False, amp=self.amp)
+        return res.loss  # a Python float: waits for the device
 
     def peak_device_memory(self):
         return int(self.paddle.device.cuda.max_memory_allocated())
@@ -291,6 +291,9 @@ class Worker:
             import torch_ref.loader as loader
         self.paths = paths
         self.aug = loader.TwoCropsTransform(*loader.build_augmentations(img_size, crop_min))
+        if self.framework == 'paddle':  # our C image kernels: the variant that runs (None: PIL's own code)
+            from paddle_impl import image_ops
+            return {'image_kernels_isa': image_ops.active_isa()}
         return {}
 
     def op_aug(self):
@@ -483,11 +486,12 @@ def measure_aug(size, log, env=None):
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(tmp, size['aug_images'], size['aug_size'])
         with Pair('cpu', role='aug', env=env) as w:
-            for x in w.values():
-                x.call('aug_setup', paths=paths, img_size=size['aug_crop'], crop_min=CROP_MIN)
+            setup = {fw: x.call('aug_setup', paths=paths, img_size=size['aug_crop'], crop_min=CROP_MIN)
+                     for fw, x in w.items()}
             res = alternate(w, 'aug', warmup=1, reps=size['aug_reps'], settle=0.05)
     t = {fw: _median([r['time'] for r in res[fw]]) for fw in res}
     out = item(len(paths) / t['paddle'], len(paths) / t['torch'], 'images/s', images=len(paths),
+               image_kernels_isa=setup['paddle'].get('image_kernels_isa'),
                image_size=list(size['aug_size']), crop=size['aug_crop'], views=2, threads=1,
                statistic='median', load_average=[load0, _load()])
     log(f'augmentation: paddle {out["paddle"]:.1f}, torch {out["torch"]:.1f} images/s')
@@ -543,7 +547,8 @@ def machine_info(framework=None, device='cpu'):
     info['env'] = {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'MKL_ENABLE_INSTRUCTIONS',
                                                   'OMP_WAIT_POLICY', 'KMP_BLOCKTIME', 'MALLOC_MMAP_MAX_',
                                                   'MALLOC_TRIM_THRESHOLD_', 'MOCO_MALLOC_TUNE', 'MOCO_CPU_KERNELS',
-                                                  'MOCO_CPU_ISA')}
+                                                  'MOCO_CPU_ISA', 'MOCO_IMAGE_KERNELS', 'ATEN_CPU_CAPABILITY',
+                                                  'DNNL_MAX_CPU_ISA')}
     info['python'] = platform.python_version()
     info['platform'] = platform.platform()
     versions = {}
@@ -581,6 +586,30 @@ def allocator_env(env, mode):
     return env
 
 
+# --isa avx2: both frameworks restricted to AVX2/FMA on a wider CPU (what an AVX2-only machine runs): MKL's own
+# cap (Paddle's and torch's MKL), oneDNN's (both frameworks ship one), torch's ATen vector kernels, our kernels.
+ISA_CAPS = {'avx2': {'MKL_ENABLE_INSTRUCTIONS': 'AVX2', 'DNNL_MAX_CPU_ISA': 'AVX2', 'ONEDNN_MAX_CPU_ISA': 'AVX2',
+                     'ATEN_CPU_CAPABILITY': 'avx2', 'MOCO_CPU_ISA': 'avx2'}}
+
+
+def isa_env(env, isa):
+    """The workers' environment with every library capped at ``isa`` (None/'native': unchanged). MKL's code
+    path on AMD CPUs (MKL_DEBUG_CPU_TYPE) is decided again by paddle_impl for the capped instruction set."""
+    if not isa or isa == 'native':
+        return env
+    if isa not in ISA_CAPS:
+        raise RuntimeError(f"--isa {isa}: unknown; choose from native, {', '.join(ISA_CAPS)}")
+    from paddle_impl import machine
+    if isa not in machine.cpu_facts()['isa']:
+        raise RuntimeError(f'--isa {isa}: this CPU does not have {isa}')
+    env = {k: v for k, v in env.items() if k != 'MKL_DEBUG_CPU_TYPE'}
+    env.update(ISA_CAPS[isa])
+    mkl = machine.decide(env)['env'].get('MKL_DEBUG_CPU_TYPE')
+    if mkl:
+        env['MKL_DEBUG_CPU_TYPE'] = mkl
+    return env
+
+
 def best_of(items):
     """Each framework at its own best measured setting: per framework the item (setting) with the lowest median
     step time; the ratio of those medians (and of the minima of the same settings)."""
@@ -593,6 +622,16 @@ def best_of(items):
                 load_average=[min(r['load_average'][0] for r in items), max(r['load_average'][1] for r in items)])
 
 
+def memory_at_best(results, name):
+    """Peak memory of each framework under the allocator setting at which its step was fastest
+    (step_time_<name>_best)."""
+    setting = results[f'step_time_{name}_best']['setting']
+    by = {'allocator=tuned': results[f'peak_memory_{name}'],
+          'allocator=default': results[f'peak_memory_{name}_glibc_default']}
+    value = {fw: by[setting[fw]][fw] for fw in FRAMEWORKS}
+    return item(value['paddle'], value['torch'], 'MiB', setting=setting, measure='peak RSS growth')
+
+
 def machine_facts():
     """The CPU and the settings paddle_impl chose for this process tree (paddle_impl/machine.py)."""
     from paddle_impl import machine as m
@@ -600,14 +639,14 @@ def machine_facts():
 
 
 def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print, allocator='tuned', reps=None,
-        inference=True):
+        inference=True, isa=None):
     skey = 'quick' if quick else device
     if reps:
         if reps < 1:
             raise RuntimeError(f'--reps must be at least 1, got {reps}')
         SIZES[skey] = dict(SIZES[skey], reps=reps, warmup=min(SIZES[skey]['warmup'], 1))
     size = SIZES[skey]
-    env = dict(os.environ)
+    env = isa_env(dict(os.environ), isa)
     if threads:
         env['OMP_NUM_THREADS'] = str(threads)
     base_env = env
@@ -622,6 +661,7 @@ def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print
     machine['kernel_isa'] = infos['paddle'].get('kernel_isa')
     machine['cpu_facts'] = machine_facts()
     machine['settings'] = dict(size, size_name=skey, settle_s=SETTLE_S, crop_min=CROP_MIN, momentum=MOMENTUM)
+    machine['isa_cap'] = isa or 'native'
     log(f'machine: {machine["cpu"]}, {machine["cores"]} cores, env {machine["env"]}')
     results['aug_throughput'] = measure_aug(size, log, env)
     for name in models:
@@ -633,11 +673,15 @@ def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print
         for name in models:
             res = measure_model(name, skey, device, log, allocator_env(base_env, 'default'))
             results[f'step_time_{name}_glibc_default'] = dict(res[f'step_time_{name}'], allocator='default')
+            results[f'peak_memory_{name}_glibc_default'] = dict(res[f'peak_memory_{name}'], allocator='default')
             results[f'step_time_{name}_best'] = best_of(
                 [results[f'step_time_{name}'], results[f'step_time_{name}_glibc_default']])
+            results[f'peak_memory_{name}_best'] = memory_at_best(results, name)
             log(f'{name}: each at its best setting: ratio {results[f"step_time_{name}_best"]["ratio"]:.3f} '
                 f'({results[f"step_time_{name}_best"]["setting"]})')
-    if inference and device == 'cpu':  # latency per image of the exported backbone, five engines (bench/inference.py)
+    if inference and device == 'cpu' and isa not in (None, 'native'):
+        log(f'inference latency skipped: it runs in this process, which --isa {isa} does not cap')
+    elif inference and device == 'cpu':  # latency per image of the exported backbone, five engines (bench/inference.py)
         from bench import inference as inf
         log('inference latency: eager Paddle, Paddle Inference (+/- oneDNN), onnxruntime, eager torch')
         results['inference_latency'] = inf.run(reps=1 if quick else 5, img_size=32 if quick else 224,
@@ -649,8 +693,9 @@ def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print
 
 
 ORDER = ['step_time_vit_small_best', 'step_time_resnet50_best', 'step_time_vit_small', 'step_time_resnet50',
-         'step_time_vit_small_glibc_default', 'step_time_resnet50_glibc_default', 'peak_memory_vit_small',
-         'peak_memory_resnet50',
+         'step_time_vit_small_glibc_default', 'step_time_resnet50_glibc_default',
+         'peak_memory_vit_small_best', 'peak_memory_resnet50_best', 'peak_memory_vit_small',
+         'peak_memory_resnet50', 'peak_memory_vit_small_glibc_default', 'peak_memory_resnet50_glibc_default',
          'aug_throughput', 'gflops_vit_small', 'gflops_resnet50', 'gemm_peak']
 
 
@@ -697,6 +742,9 @@ def main(argv=None):
                         "freed memory is kept for reuse), 'default' (glibc's), 'both' (the steps with each)")
     p.add_argument('--no-inference', action='store_true',
                    help='skip the inference-latency item (bench/inference.py: exported backbone, five engines)')
+    p.add_argument('--isa', default='native', choices=('native',) + tuple(ISA_CAPS),
+                   help="'avx2': cap MKL, oneDNN, torch's ATen kernels and our kernels at AVX2/FMA in both "
+                        "frameworks' workers (an AVX2 machine's code paths on a wider CPU)")
     p.add_argument('--worker', choices=FRAMEWORKS, help=argparse.SUPPRESS)
     p.add_argument('--worker-role', default='model', choices=('model', 'aug'), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -709,7 +757,7 @@ def main(argv=None):
             p.error(f"unknown model '{m}'; known: {', '.join(MODELS)}")
     try:
         results = run(args.quick, args.device, models, args.threads, allocator=args.allocator, reps=args.reps,
-                      inference=not args.no_inference)
+                      inference=not args.no_inference, isa=args.isa)
     except RuntimeError as e:
         print(f'bench failed: {e}', file=sys.stderr)
         return 1

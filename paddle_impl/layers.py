@@ -364,13 +364,18 @@ class _LinearGemvBias(PyLayer):
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensor()
-        need_x, need_w, need_b = ctx.needs
-        dy2 = dy.reshape([-1, dy.shape[-1]])
-        dx = paddle.matmul(dy, weight, transpose_y=True) if need_x else None
-        dw = paddle.matmul(x.reshape([-1, x.shape[-1]]), dy2, transpose_x=True) if need_w else None
-        db = (paddle.matmul(paddle.ones([1, dy2.shape[0]], dtype=dy2.dtype), dy2).reshape([-1])
-              if need_b else None)
-        return dx, dw, db
+        return _linear_grads(x, weight, dy, ctx.needs)
+
+
+def _linear_grads(x, weight, dy, needs):
+    """(dx, dW, db) of y = x W + b for the inputs that need one (needs: three bools)."""
+    need_x, need_w, need_b = needs
+    dy2 = dy.reshape([-1, dy.shape[-1]])
+    dx = paddle.matmul(dy, weight, transpose_y=True) if need_x else None
+    dw = paddle.matmul(x.reshape([-1, x.shape[-1]]), dy2, transpose_x=True) if need_w else None
+    db = (paddle.matmul(paddle.ones([1, dy2.shape[0]], dtype=dy2.dtype), dy2).reshape([-1])
+          if need_b else None)
+    return dx, dw, db
 
 
 def _addmm_linear(x, weight, bias):
@@ -497,6 +502,85 @@ def softmax_scaled(x, scale):
     return cpu_kernels.get().moco_softmax(cpu_kernels.contiguous(x), scale)
 
 
+class _GeluLinearK(PyLayer):
+    """fc2(GELU(h)) of a ViT MLP keeping only h for the backward: GELU(h) (what the linear layer would keep,
+    [B, N, 4 C]: 9.7 MB per block and view for ViT-S at batch 8) is recomputed there by the same kernel, so
+    only one of the two hidden-size activations is held from the forward to the backward (peak memory)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        h = cpu_kernels.contiguous(h)
+        ctx.save_for_backward(h, weight)
+        ctx.needs = (not h.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
+        return _addmm_linear(cpu_kernels.get().moco_gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, weight = ctx.saved_tensor()
+        need_h, need_w, need_b = ctx.needs
+        dg, dw, db = _linear_grads(cpu_kernels.get().moco_gelu(h), weight, dy, (need_h, need_w, need_b))
+        dh = cpu_kernels.get().moco_gelu_grad_k(h, cpu_kernels.contiguous(dg)) if need_h else None
+        return dh, dw, db
+
+
+def unobserved(*layers):
+    """True when calling these layers' forward directly would be indistinguishable from calling the layers:
+    no forward pre/post hooks (parity.trace, user hooks) and no forward replaced on the instance (a planted
+    bug, a user patch). Fused paths that skip the module calls use it."""
+    for m in layers:
+        if 'forward' in vars(m) or getattr(m, '_forward_pre_hooks', None) or getattr(m, '_forward_post_hooks', None):
+            return False
+    return True
+
+
+def gelu_linear(h, weight, bias):
+    """linear(gelu(h), weight, bias) (exact GELU). On CPU with our kernels, where a gradient is needed, GELU's
+    output is recomputed in the backward instead of kept (_GeluLinearK)."""
+    if bias is not None and cpu_kernels.usable(h) and _fast_cpu(h) and _needs_grad(h, weight, bias):
+        return _GeluLinearK.apply(h, weight, bias)
+    return linear(gelu(h), weight, bias)
+
+
+def _attention_probs(q, k, scale):
+    return cpu_kernels.get().moco_softmax(cpu_kernels.contiguous(paddle.matmul(q, k, transpose_y=True)), scale)
+
+
+class _AttentionK(PyLayer):
+    """softmax(scale * q k^T) v keeping only q, k and v for the backward: the attention matrix [B, H, N, N]
+    (the largest activation of a ViT block: 15 MB per block and view for ViT-S at batch 8) is recomputed there
+    by the same two calls, so it is not held from the forward to the backward (peak memory, bench/). The
+    backward is the one autograd builds for matmul -> softmax -> matmul: dv = P^T dO, dP = dO v^T,
+    dS = softmax_grad(P, dP), dq = dS k, dk = dS^T q."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = scale
+        ctx.needs = (not q.stop_gradient, not k.stop_gradient, not v.stop_gradient)
+        return paddle.matmul(_attention_probs(q, k, scale), v)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v = ctx.saved_tensor()
+        need_q, need_k, need_v = ctx.needs
+        attn = _attention_probs(q, k, ctx.scale)
+        dv = paddle.matmul(attn, dout, transpose_x=True) if need_v else None
+        ds = cpu_kernels.get().moco_softmax_grad_k(attn, paddle.matmul(dout, v, transpose_y=True), ctx.scale)
+        del attn
+        dq = paddle.matmul(ds, k) if need_q else None
+        dk = paddle.matmul(ds, q, transpose_x=True) if need_k else None
+        return dq, dk, dv
+
+
+def attention_k(q, k, v, scale):
+    """softmax(scale * q k^T) v over the last two axes of [B, H, N, D] (scale > 0) with our softmax kernel;
+    where a gradient is needed, the attention matrix is recomputed in the backward instead of kept."""
+    scale = float(scale)
+    if _needs_grad(q, k, v):
+        return _AttentionK.apply(q, k, v, scale)
+    return paddle.matmul(_attention_probs(q, k, scale), v)
+
+
 class _GeluK(PyLayer):
     @staticmethod
     def forward(ctx, x):
@@ -540,26 +624,45 @@ def layer_norm_k(x, weight, bias, epsilon):
     return cpu_kernels.get().moco_layer_norm(cpu_kernels.contiguous(x), weight, bias, float(epsilon))[0]
 
 
-def _conv_forward(x, weight, geom, out_hw):
-    """y = conv(x, weight): columns [C*KH*KW, N*L] for the whole batch, one GEMM [Co, C*KH*KW] @ cols, then
-    [Co, N, L] -> [N, Co, L] (a dense transpose)."""
+# The column matrix of one im2col GEMM is kept under this many bytes by splitting the batch into groups of
+# images (ResNet-50 at batch 8: the stem's and layer 1's 3x3 columns are ~58 MB for the whole batch, 9x their
+# input; layers 3-4 stay one GEMM over the batch). Peak memory; the GEMMs keep >= 6000 columns each.
+COLS_CAP_BYTES = 16 * 2 ** 20
+
+
+def _batch_groups(x, weight, out_hw):
+    """[(start, stop)] over the batch so that each group's columns stay under COLS_CAP_BYTES (one image at least)."""
     n = x.shape[0]
+    per_image = int(np.prod(weight.shape[1:])) * out_hw[0] * out_hw[1] * x.element_size()
+    step = max(1, min(n, COLS_CAP_BYTES // max(per_image, 1)))
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def _conv_forward(x, weight, geom, out_hw):
+    """y = conv(x, weight): per group of images (_batch_groups), columns [C*KH*KW, n*L], one GEMM
+    [Co, C*KH*KW] @ cols, then [Co, n, L] -> [n, Co, L] (a dense transpose)."""
     co = weight.shape[0]
-    cols = cpu_kernels.get().moco_im2col(x, *geom, True)
-    y = paddle.matmul(weight.reshape([co, -1]), cols).reshape([co, n, -1])
-    return _dense_transpose(y, [1, 0, 2]).reshape([n, co, *out_hw])
+    w2 = weight.reshape([co, -1])
+    ys = []
+    for a, b in _batch_groups(x, weight, out_hw):
+        xg = x if (a, b) == (0, x.shape[0]) else cpu_kernels.contiguous(x[a:b])
+        y = paddle.matmul(w2, cpu_kernels.get().moco_im2col(xg, *geom, True)).reshape([co, b - a, -1])
+        ys.append(_dense_transpose(y, [1, 0, 2]).reshape([b - a, co, *out_hw]))
+    return ys[0] if len(ys) == 1 else paddle.concat(ys, axis=0)
 
 
 class _Conv2dK(PyLayer):
-    """Convolution (groups 1, dilation 1, no bias) as our parallel im2col + one GEMM over the whole batch
-    (MKL). Backward: dy as [Co, N*L]; dW = dy @ cols^T (the columns are rebuilt rather than kept: memory),
-    dx = col2im(W^T @ dy). Three large GEMMs instead of one small GEMM per image (layer 4 of ResNet-50: L = 49)."""
+    """Convolution (groups 1, dilation 1, no bias) as our parallel im2col + one GEMM per group of images (MKL;
+    the whole batch unless its columns exceed COLS_CAP_BYTES). Backward per group: dy as [Co, n*L];
+    dW += dy @ cols^T (the columns are rebuilt rather than kept: memory), dx = col2im(W^T @ dy). Large GEMMs
+    instead of one small GEMM per image (layer 4 of ResNet-50: L = 49)."""
 
     @staticmethod
     def forward(ctx, x, weight, geom, out_hw):
         x = cpu_kernels.contiguous(x)
         ctx.save_for_backward(x, weight)
         ctx.geom = geom
+        ctx.out_hw = out_hw
         ctx.needs = (not x.stop_gradient, not weight.stop_gradient)
         return _conv_forward(x, weight, geom, out_hw)
 
@@ -570,15 +673,22 @@ class _Conv2dK(PyLayer):
         k = cpu_kernels.get()
         n, c, h, w = x.shape
         co = weight.shape[0]
-        dy_cn = _dense_transpose(dy.reshape([n, co, -1]), [1, 0, 2]).reshape([co, -1])
-        dx = dw = None
-        if need_w:
-            cols = k.moco_im2col(x, *ctx.geom, True)
-            dw = paddle.matmul(dy_cn, cols, transpose_y=True).reshape(weight.shape)
-        if need_x:
-            dcols = paddle.matmul(weight.reshape([co, -1]), dy_cn, transpose_x=True)
-            dx = k.moco_col2im(dcols, n, c, h, w, *ctx.geom, True)
-        return dx, dw
+        w2 = weight.reshape([co, -1])
+        dxs, dw = [], None
+        for a, b in _batch_groups(x, weight, ctx.out_hw):
+            whole = (a, b) == (0, n)
+            dyg = dy if whole else dy[a:b]
+            dy_cn = _dense_transpose(dyg.reshape([b - a, co, -1]), [1, 0, 2]).reshape([co, -1])
+            if need_w:
+                cols = k.moco_im2col(x if whole else cpu_kernels.contiguous(x[a:b]), *ctx.geom, True)
+                part = paddle.matmul(dy_cn, cols, transpose_y=True)
+                del cols
+                dw = part if dw is None else paddle.add(dw, part)
+            if need_x:
+                dcols = paddle.matmul(w2, dy_cn, transpose_x=True)
+                dxs.append(k.moco_col2im(dcols, b - a, c, h, w, *ctx.geom, True))
+        dx = (dxs[0] if len(dxs) == 1 else paddle.concat(dxs, axis=0)) if need_x else None
+        return dx, dw.reshape(weight.shape) if need_w else None
 
 
 def conv2d_k(x, weight, stride, padding):

@@ -1,9 +1,10 @@
 """Data augmentation of MoCo v3 for Paddle: the twin of torch_ref/loader.py (official moco-v3/moco/loader.py
 and the transforms built in main_moco.py / main_lincls.py).
 
-Built on PIL + numpy only, so it runs in DataLoader worker processes without touching Paddle. Every image
-operation is the one torchvision's PIL path performs (tests/test_loader.py proves it pixel for pixel);
-the output of ToTensor/Normalize is a float32 CHW numpy array, which paddle.io.DataLoader batches.
+Built on PIL + numpy, and on RGB images our C kernels for ColorJitter and the blur (image_ops.py, loaded
+with ctypes), so it runs in DataLoader worker processes without touching Paddle. Every image operation is
+the one torchvision's PIL path performs (tests/test_loader.py and tests/test_image_ops.py prove it pixel for
+pixel); the output of ToTensor/Normalize is a float32 CHW numpy array, which paddle.io.DataLoader batches.
 
 Every random transform is split in two:
   get_params(rng, img) -> params   draws the random parameters, and only from `rng`;
@@ -20,6 +21,8 @@ import random
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from . import image_ops
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -120,26 +123,59 @@ def center_crop(img, size):
     return crop(img, top, left, crop_h, crop_w)
 
 
+# The four colour operations run in our C kernels (image_ops.py) on 8-bit RGB images, with the same bytes as
+# PIL's (tests/test_image_ops.py); other modes, or no kernels, take PIL's own path.
+_ENHANCE = {'brightness': ImageEnhance.Brightness, 'contrast': ImageEnhance.Contrast,
+            'saturation': ImageEnhance.Color}
+
+
+def _hue_shift(factor):
+    if not -0.5 <= factor <= 0.5:
+        raise ValueError(f'hue factor {factor} is not in [-0.5, 0.5]')
+    return int(factor * 255) % 256  # truncate toward zero, then wrap into uint8
+
+
+def _colour_op_array(arr, op, factor):
+    """One colour op in place on an RGB uint8 array with our kernels; False when they are not available."""
+    if op == 'hue':
+        return image_ops.hue_shift_rgb(arr, _hue_shift(factor))
+    return image_ops.enhance_rgb(arr, op, factor)
+
+
+def _colour_ops(img, ops):
+    """Apply [(op, factor), ...] in turn: through one array with our kernels where they apply, else PIL."""
+    if ops and img.mode == 'RGB' and image_ops.get() is not None:
+        arr = np.array(img, dtype=np.uint8)
+        for op, factor in ops:
+            _colour_op_array(arr, op, factor)
+        return Image.fromarray(arr, 'RGB')
+    for op, factor in ops:
+        img = _pil_hue(img, factor) if op == 'hue' else _ENHANCE[op](img).enhance(factor)
+    return img
+
+
 def adjust_brightness(img, factor):
-    return ImageEnhance.Brightness(img).enhance(factor)
+    return _colour_ops(img, [('brightness', factor)])
 
 
 def adjust_contrast(img, factor):
-    return ImageEnhance.Contrast(img).enhance(factor)
+    return _colour_ops(img, [('contrast', factor)])
 
 
 def adjust_saturation(img, factor):
-    return ImageEnhance.Color(img).enhance(factor)
+    return _colour_ops(img, [('saturation', factor)])
 
 
 def adjust_hue(img, factor):
     """Shift the hue by `factor` turns (in [-0.5, 0.5]) on PIL's 8-bit HSV, wrapping around."""
-    if not -0.5 <= factor <= 0.5:
-        raise ValueError(f'hue factor {factor} is not in [-0.5, 0.5]')
+    return _colour_ops(img, [('hue', factor)])
+
+
+def _pil_hue(img, factor):
+    shift = _hue_shift(factor)
     if img.mode in ('L', '1', 'I', 'F'):
         return img
     h, s, v = img.convert('HSV').split()
-    shift = int(factor * 255) % 256  # truncate toward zero, then wrap into uint8
     h = h.point(lambda x: (x + shift) % 256)
     return Image.merge('HSV', (h, s, v)).convert(img.mode)
 
@@ -325,6 +361,8 @@ class ColorJitter(Transform):
         self.contrast = self._range(contrast, 'contrast')
         self.saturation = self._range(saturation, 'saturation')
         self.hue = self._range(hue, 'hue', center=0, bound=(-0.5, 0.5), clip_at_zero=False)
+        if (self.brightness, self.contrast, self.saturation, self.hue) != (None,) * 4:
+            image_ops.get()  # build our colour kernels now, in the parent, not in each DataLoader worker
 
     @staticmethod
     def _range(value, name, center=1, bound=(0, float('inf')), clip_at_zero=True):
@@ -351,11 +389,8 @@ class ColorJitter(Transform):
 
     def apply(self, img, params):
         order, *factors = params
-        ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-        for k in order:
-            if factors[k] is not None:
-                img = ops[k](img, factors[k])
-        return img
+        names = ('brightness', 'contrast', 'saturation', 'hue')
+        return _colour_ops(img, [(names[k], factors[k]) for k in order if factors[k] is not None])
 
     def __repr__(self):
         return (f'ColorJitter(brightness={self.brightness}, contrast={self.contrast}, '
@@ -383,11 +418,16 @@ class GaussianBlur(Transform):
 
     def __init__(self, sigma=[.1, 2.]):
         self.sigma = sigma
+        image_ops.get()  # build our kernels now, in the parent, not in each DataLoader worker
 
     def get_params(self, rng, img=None):
         return rng.uniform(self.sigma[0], self.sigma[1])
 
     def apply(self, img, params):
+        if img.mode == 'RGB' and image_ops.get() is not None:  # our C kernel: PIL's bytes (test_image_ops.py)
+            arr = np.array(img, dtype=np.uint8)
+            if image_ops.gaussian_blur_rgb(arr, params):
+                return Image.fromarray(arr, 'RGB')
         return img.filter(ImageFilter.GaussianBlur(radius=params))
 
     def __repr__(self):

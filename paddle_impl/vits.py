@@ -13,8 +13,8 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from . import cpu_kernels
-from .layers import (GELU, BatchNorm2D, FastLinear, LayerNorm, softmax_scaled, torch_default_init_, transpose,
-                     use_fast_conv)
+from .layers import (GELU, BatchNorm2D, FastLinear, LayerNorm, attention_k, gelu_linear, torch_default_init_,
+                     transpose, unobserved, use_fast_conv)
 
 __all__ = ['vit_small', 'vit_base', 'vit_conv_small', 'vit_conv_base', 'vit_large', 'vit_huge',
            'VisionTransformerMoCo', 'ConvStem', 'PatchEmbed', 'build_2d_sincos_position_embedding',
@@ -126,11 +126,11 @@ class Attention(nn.Layer):
         # layers.transpose: contiguous on CPU; unbind (not indexing) so the backward is one concat
         qkv = transpose(self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim]), [2, 0, 3, 1, 4])
         q, k, v = paddle.unbind(qkv, axis=0)
-        if cpu_kernels.usable(q):  # softmax(scale * q k^T) in one multi-threaded kernel
-            attn = softmax_scaled(paddle.matmul(q, k, transpose_y=True), self.scale)
+        if cpu_kernels.usable(q):  # our softmax kernel; the attention matrix is not kept for the backward
+            x = attention_k(q, k, v, self.scale)
         else:
-            attn = F.softmax(paddle.matmul(q * self.scale, k, transpose_y=True), axis=-1)
-        x = transpose(paddle.matmul(attn, v), [0, 2, 1, 3]).reshape([B, N, C])
+            x = paddle.matmul(F.softmax(paddle.matmul(q * self.scale, k, transpose_y=True), axis=-1), v)
+        x = transpose(x, [0, 2, 1, 3]).reshape([B, N, C])
         return self.proj(x)
 
 
@@ -142,6 +142,9 @@ class Mlp(nn.Layer):
         self.fc2 = FastLinear(hidden, dim)
 
     def forward(self, x):
+        # GELU's output is not kept for the backward; the plain module calls where anything observes them
+        if type(self.act) is GELU and type(self.fc2) is FastLinear and unobserved(self.act, self.fc2):
+            return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
 
 

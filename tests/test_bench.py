@@ -62,3 +62,31 @@ def test_best_of_settings():
     assert best['setting'] == {'paddle': 'allocator=tuned', 'torch': 'allocator=default'}
     assert best['ratio'] == 1.0 and best['ratio_min'] == 1.0
     assert best['median'] == {'paddle': 5.0, 'torch': 5.0} and best['load_average'] == [1.0, 2.0]
+
+
+def test_memory_at_each_frameworks_best_setting():
+    results = {'step_time_m_best': {'setting': {'paddle': 'allocator=tuned', 'torch': 'allocator=default'}},
+               'peak_memory_m': bench.item(100.0, 300.0, 'MiB'),
+               'peak_memory_m_glibc_default': bench.item(200.0, 150.0, 'MiB')}
+    mem = bench.memory_at_best(results, 'm')
+    assert (mem['paddle'], mem['torch'], mem['ratio']) == (100.0, 150.0, 100.0 / 150.0)
+
+
+def test_isa_cap_environment():
+    """--isa avx2 caps MKL, oneDNN, ATen and our kernels in the workers' environment; MKL's AMD code path is
+    decided again (never the AVX-512 path '7' under an AVX2 cap); an unknown or absent ISA is one error."""
+    from paddle_impl import machine
+    env = {'PATH': '/bin', 'MKL_DEBUG_CPU_TYPE': '7'}
+    assert bench.isa_env(env, 'native') is env
+    with pytest.raises(RuntimeError, match='--isa avx9'):
+        bench.isa_env(env, 'avx9')
+    if 'avx2' not in machine.cpu_facts()['isa']:
+        with pytest.raises(RuntimeError, match='does not have avx2'):
+            bench.isa_env(env, 'avx2')
+        return
+    capped = bench.isa_env(env, 'avx2')
+    for k, v in bench.ISA_CAPS['avx2'].items():
+        assert capped[k] == v
+    vendor = machine.cpu_facts()['vendor']
+    assert capped.get('MKL_DEBUG_CPU_TYPE') == ('5' if vendor == 'amd' else None)
+    assert env['MKL_DEBUG_CPU_TYPE'] == '7'  # the caller's dict is not changed

@@ -141,6 +141,17 @@ def test_colour_ops_match_torchvision(op, factors):
             _assert_same_image(ours, getattr(TF, f'adjust_{op}')(img, f))
 
 
+def test_hue_on_a_million_colours_matches_torchvision():
+    """adjust_hue (our C kernel where built, paddle_impl/image_ops.py) against torchvision's adjust_hue on 2^20
+    random colours; tests/test_image_ops.py checks every colour against PIL's round trip."""
+    from paddle_impl import image_ops
+    assert image_ops.get() is not None, image_ops._state['error']
+    rgb = np.random.default_rng(14).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    img = Image.fromarray(rgb, 'RGB')
+    for f in (-0.5, -0.1, 0.0, 0.07, 0.5):
+        _assert_same_image(P.adjust_hue(img, f), TF.adjust_hue(img, f))
+
+
 def test_colour_jitter_in_drawn_order_matches_torchvision(monkeypatch):
     rng = random.Random(5)
     ours = P.ColorJitter(0.4, 0.4, 0.2, 0.1)

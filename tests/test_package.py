@@ -66,7 +66,7 @@ def test_packages_installed_with_kernel_source(installed):
     assert len(out) == 4
     for path in out:
         assert path.startswith(site), f'{path} is not the installed copy (under {site})'
-    sources = [n for n in os.listdir(os.path.join(ROOT, 'paddle_impl', 'csrc')) if n.endswith(('.cc', '.h'))]
+    sources = [n for n in os.listdir(os.path.join(ROOT, 'paddle_impl', 'csrc')) if n.endswith(('.cc', '.h', '.c'))]
     assert 'cpu_kernels.cc' in sources
     for name in sources:  # the C++ sources the kernels are compiled from, byte for byte
         kernel = os.path.join(site, 'paddle_impl', 'csrc', name)
