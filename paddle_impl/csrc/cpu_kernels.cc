@@ -325,7 +325,6 @@ enum : int {
   kForwardInference = 96, kBackwardData = 160, kBackwardWeights = 192,  // dnnl_prop_kind_t
   kConvDirect = 1,                                            // dnnl_convolution_direct
   kScratchpadUser = 1,                                        // dnnl_scratchpad_mode_user
-  kQueryImplInfo = 8,                                         // dnnl_query_impl_info_str
   kQuerySrc = 129, kQueryDiffSrc = 130, kQueryWeights = 131,  // dnnl_query_{src,diff_src,weights}_md
   kQueryDiffWeights = 132, kQueryDst = 133, kQueryDiffDst = 134, kQueryScratchpad = 136,
   kArgSrc = 1, kArgDst = 17, kArgWeights = 33, kArgScratchpad = 80,  // DNNL_ARG_*; FROM = SRC, TO = DST
@@ -356,7 +355,6 @@ struct Api {
                                 const int64_t* pad_l, const int64_t* pad_r, handle hint_fwd, handle attr);
   status (*reorder_pd)(handle*, handle src_md, handle src_engine, handle dst_md, handle dst_engine, handle attr);
   handle (*pd_query_md)(handle pd, int what, int index);
-  status (*pd_query)(handle pd, int what, int index, void* result);
   status (*primitive_create)(handle*, handle pd);
   status (*primitive_execute)(handle, handle stream, int nargs, const ExecArg* args);
 };
@@ -391,7 +389,6 @@ bool bind_all(void* lib, Api* a) {
          bind(lib, "dnnl_convolution_backward_weights_primitive_desc_create", &a->conv_bwd_weights_pd) &&
          bind(lib, "dnnl_reorder_primitive_desc_create", &a->reorder_pd) &&
          bind(lib, "dnnl_primitive_desc_query_md", &a->pd_query_md) &&
-         bind(lib, "dnnl_primitive_desc_query", &a->pd_query) &&
          bind(lib, "dnnl_primitive_create", &a->primitive_create) &&
          bind(lib, "dnnl_primitive_execute", &a->primitive_execute);
 }
