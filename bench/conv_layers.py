@@ -35,7 +35,7 @@ def main():
     if cpu_kernels.get() is None:
         raise SystemExit('our CPU kernels are not built here (see the warning above)')
     rng = np.random.default_rng(0)
-    onednn = cpu_kernels.onednn()
+    onednn = cpu_kernels.onednn_loaded()
     clock = time.process_time if os.environ.get('OMP_NUM_THREADS') == '1' else time.perf_counter
     shapes = [sh for sh in SHAPES if sh[3] > 1] if '--only-k3' in sys.argv else SHAPES
     total = {'paddle': 0.0, 'im2col': 0.0, 'onednn': 0.0, 'torch': 0.0}

@@ -204,14 +204,22 @@ def onednn_setting():
     v = os.environ.get('MOCO_ONEDNN_CONV', 'auto').strip().lower()
     if v in ('0', 'false', 'no', 'off'):
         return '0'
-    return '1' if v in ('1', 'true', 'yes', 'on') else 'auto'
+    if v in ('1', 'true', 'yes', 'on'):
+        return '1'
+    if v not in ('auto', '') and not _state.get('warned_onednn_setting'):
+        _state['warned_onednn_setting'] = True
+        print(f'moco-v3 paddle: MOCO_ONEDNN_CONV={v!r} is not one of 0, 1, auto; using auto', file=sys.stderr)
+    return 'auto'
 
 
 def onednn():
     """True where oneDNN convolutions can run here: our kernels built, ``MOCO_ONEDNN_CONV`` not 0 and oneDNN
     3.x opened from ``onednn_library()`` (else one warning line; the convolutions stay on im2col + GEMM)."""
-    if onednn_setting() == '0':
-        return False
+    return onednn_setting() != '0' and onednn_loaded()
+
+
+def onednn_loaded():
+    """oneDNN opened in this process (tried once, whatever ``MOCO_ONEDNN_CONV`` says)."""
     if _state['onednn'] is None:
         _state['onednn'] = _load_onednn()
     return bool(_state['onednn'])

@@ -731,6 +731,8 @@ class _Conv2dOneDNN(PyLayer):
 
 def conv2d_onednn(x, weight, geom):
     """conv2d_k through oneDNN (float32 only; geom = [kh, kw, sh, sw, ph, pw])."""
+    if not cpu_kernels.onednn_loaded():
+        raise RuntimeError(f'oneDNN could not be loaded from {cpu_kernels.onednn_library()}; use conv2d_k')
     if _needs_grad(x, weight):
         return _Conv2dOneDNN.apply(x, weight, geom)
     return cpu_kernels.get().moco_dnnl_conv(cpu_kernels.contiguous(x), weight, *geom[2:])

@@ -221,3 +221,16 @@ def test_default_policy_shapes(monkeypatch):
     assert not goes(3, 224, 8, 16, 16)
     x = paddle.zeros([1, 4, 8, 8], dtype='float64')
     assert not layers.onednn_conv_applies(x, paddle.zeros([4, 4, 3, 3], dtype='float64'), [3, 3, 1, 1, 1, 1], [8, 8])
+
+
+def test_setting_values(monkeypatch, capsys):
+    """MOCO_ONEDNN_CONV: 0/1/auto and their spellings; anything else is auto with one warning line."""
+    for v, want in (('0', '0'), ('off', '0'), ('1', '1'), ('YES', '1'), ('auto', 'auto'), ('', 'auto')):
+        monkeypatch.setenv('MOCO_ONEDNN_CONV', v)
+        assert cpu_kernels.onednn_setting() == want
+    assert capsys.readouterr().err == ''
+    monkeypatch.setitem(cpu_kernels._state, 'warned_onednn_setting', False)
+    monkeypatch.setenv('MOCO_ONEDNN_CONV', 'fast')
+    assert cpu_kernels.onednn_setting() == 'auto' and cpu_kernels.onednn_setting() == 'auto'
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["moco-v3 paddle: MOCO_ONEDNN_CONV='fast' is not one of 0, 1, auto; using auto"]
