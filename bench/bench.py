@@ -547,8 +547,8 @@ def machine_info(framework=None, device='cpu'):
     info['env'] = {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'MKL_ENABLE_INSTRUCTIONS',
                                                   'OMP_WAIT_POLICY', 'KMP_BLOCKTIME', 'MALLOC_MMAP_MAX_',
                                                   'MALLOC_TRIM_THRESHOLD_', 'MOCO_MALLOC_TUNE', 'MOCO_CPU_KERNELS',
-                                                  'MOCO_CPU_ISA', 'MOCO_IMAGE_KERNELS', 'ATEN_CPU_CAPABILITY',
-                                                  'DNNL_MAX_CPU_ISA')}
+                                                  'MOCO_CPU_ISA', 'MOCO_IMAGE_KERNELS', 'MOCO_ONEDNN_CONV',
+                                                  'ATEN_CPU_CAPABILITY', 'DNNL_MAX_CPU_ISA', 'ONEDNN_MAX_CPU_ISA')}
     info['python'] = platform.python_version()
     info['platform'] = platform.platform()
     versions = {}
