@@ -159,11 +159,14 @@ def active_isa():
     return _state['isa'] if get() is not None else None
 
 
+def isas_up_to(widest):
+    """The variants from the narrowest up to ``widest`` (None: none), narrowest first."""
+    return [] if widest is None else list(ISAS[:ISAS.index(widest) + 1])
+
+
 def supported_isas():
     """The compiled variants this CPU can run, narrowest first ([] when the kernels are not built)."""
-    if get() is None:
-        return []
-    return list(ISAS[:ISAS.index(_state['supported']) + 1])
+    return isas_up_to(_state['supported'] if get() is not None else None)
 
 
 def usable(*tensors):

@@ -32,9 +32,11 @@ import subprocess
 import sys
 import tempfile
 
+# the same variant names and order as our Paddle kernels (cpu_kernels imports Paddle only inside functions)
+from .cpu_kernels import ISAS, isas_up_to
+
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'image_ops.c')
 FLAGS = ('-O3', '-shared', '-fPIC', '-ffp-contract=off', '-fno-math-errno', '-fno-trapping-math')
-ISAS = ('generic', 'avx2', 'avx512')  # narrowest first; the index is the kernel's variant number
 _state = {'lib': None, 'tried': False, 'error': None, 'isa': None, 'supported': None}
 
 
@@ -163,9 +165,7 @@ def active_isa():
 
 def supported_isas():
     """The compiled variants this CPU can run, narrowest first ([] when the kernels are not built)."""
-    if get() is None:
-        return []
-    return list(ISAS[:ISAS.index(_state['supported']) + 1])
+    return isas_up_to(_state['supported'] if get() is not None else None)
 
 
 def _check(arr, what):
