@@ -32,8 +32,9 @@ import subprocess
 import sys
 import tempfile
 
-# the same variant names and order as our Paddle kernels (cpu_kernels imports Paddle only inside functions)
-from .cpu_kernels import ISAS, isas_up_to
+# the variant names and order, and the cache folder, of our Paddle kernels (cpu_kernels imports Paddle only
+# inside functions)
+from .cpu_kernels import ISAS, cache_root, isas_up_to
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'image_ops.c')
 FLAGS = ('-O3', '-shared', '-fPIC', '-ffp-contract=off', '-fno-math-errno', '-fno-trapping-math')
@@ -54,10 +55,6 @@ def enabled_by_env(env=None):
 def compiler():
     """The C compiler command: $CC (may carry options), else `cc`."""
     return shlex.split(os.environ.get('CC', '').strip() or 'cc')
-
-
-def cache_root():
-    return os.environ.get('MOCO_KERNEL_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'moco_v3_paddle')
 
 
 def library_path(cc=None):

@@ -480,10 +480,15 @@ def transpose(x, perm):
 # GELU and LayerNorm, forward and backward. Each function takes CPU float32/float64 tensors (callers check
 # cpu_kernels.usable) and records a PyLayer only where a gradient is needed.
 
+def _softmax_k(x, scale):
+    """softmax(scale * x) over the last axis by our kernel (no autograd record)."""
+    return cpu_kernels.get().moco_softmax(cpu_kernels.contiguous(x), scale)
+
+
 class _SoftmaxK(PyLayer):
     @staticmethod
     def forward(ctx, x, scale):
-        y = cpu_kernels.get().moco_softmax(cpu_kernels.contiguous(x), scale)
+        y = _softmax_k(x, scale)
         ctx.save_for_backward(y)
         ctx.scale = scale
         return y
@@ -499,7 +504,7 @@ def softmax_scaled(x, scale):
     scale = float(scale)
     if _needs_grad(x):
         return _SoftmaxK.apply(x, scale)
-    return cpu_kernels.get().moco_softmax(cpu_kernels.contiguous(x), scale)
+    return _softmax_k(x, scale)
 
 
 class _GeluLinearK(PyLayer):
@@ -517,9 +522,8 @@ class _GeluLinearK(PyLayer):
     @staticmethod
     def backward(ctx, dy):
         h, weight = ctx.saved_tensor()
-        need_h, need_w, need_b = ctx.needs
-        dg, dw, db = _linear_grads(cpu_kernels.get().moco_gelu(h), weight, dy, (need_h, need_w, need_b))
-        dh = cpu_kernels.get().moco_gelu_grad_k(h, cpu_kernels.contiguous(dg)) if need_h else None
+        dg, dw, db = _linear_grads(cpu_kernels.get().moco_gelu(h), weight, dy, ctx.needs)
+        dh = cpu_kernels.get().moco_gelu_grad_k(h, cpu_kernels.contiguous(dg)) if dg is not None else None
         return dh, dw, db
 
 
@@ -542,7 +546,7 @@ def gelu_linear(h, weight, bias):
 
 
 def _attention_probs(q, k, scale):
-    return cpu_kernels.get().moco_softmax(cpu_kernels.contiguous(paddle.matmul(q, k, transpose_y=True)), scale)
+    return _softmax_k(paddle.matmul(q, k, transpose_y=True), scale)
 
 
 class _AttentionK(PyLayer):
@@ -638,6 +642,11 @@ def _batch_groups(x, weight, out_hw):
     return [(a, min(n, a + step)) for a in range(0, n, step)]
 
 
+def _rows(t, a, b):
+    """t[a:b] along the batch axis (t itself when that is all of it)."""
+    return t if (a, b) == (0, t.shape[0]) else t[a:b]
+
+
 def _conv_forward(x, weight, geom, out_hw):
     """y = conv(x, weight): per group of images (_batch_groups), columns [C*KH*KW, n*L], one GEMM
     [Co, C*KH*KW] @ cols, then [Co, n, L] -> [n, Co, L] (a dense transpose)."""
@@ -645,8 +654,8 @@ def _conv_forward(x, weight, geom, out_hw):
     w2 = weight.reshape([co, -1])
     ys = []
     for a, b in _batch_groups(x, weight, out_hw):
-        xg = x if (a, b) == (0, x.shape[0]) else cpu_kernels.contiguous(x[a:b])
-        y = paddle.matmul(w2, cpu_kernels.get().moco_im2col(xg, *geom, True)).reshape([co, b - a, -1])
+        cols = cpu_kernels.get().moco_im2col(cpu_kernels.contiguous(_rows(x, a, b)), *geom, True)
+        y = paddle.matmul(w2, cols).reshape([co, b - a, -1])
         ys.append(_dense_transpose(y, [1, 0, 2]).reshape([b - a, co, *out_hw]))
     return ys[0] if len(ys) == 1 else paddle.concat(ys, axis=0)
 
@@ -671,16 +680,14 @@ class _Conv2dK(PyLayer):
         x, weight = ctx.saved_tensor()
         need_x, need_w = ctx.needs
         k = cpu_kernels.get()
-        n, c, h, w = x.shape
+        _, c, h, w = x.shape
         co = weight.shape[0]
         w2 = weight.reshape([co, -1])
         dxs, dw = [], None
         for a, b in _batch_groups(x, weight, ctx.out_hw):
-            whole = (a, b) == (0, n)
-            dyg = dy if whole else dy[a:b]
-            dy_cn = _dense_transpose(dyg.reshape([b - a, co, -1]), [1, 0, 2]).reshape([co, -1])
+            dy_cn = _dense_transpose(_rows(dy, a, b).reshape([b - a, co, -1]), [1, 0, 2]).reshape([co, -1])
             if need_w:
-                cols = k.moco_im2col(x if whole else cpu_kernels.contiguous(x[a:b]), *ctx.geom, True)
+                cols = k.moco_im2col(cpu_kernels.contiguous(_rows(x, a, b)), *ctx.geom, True)
                 part = paddle.matmul(dy_cn, cols, transpose_y=True)
                 del cols
                 dw = part if dw is None else paddle.add(dw, part)

@@ -11,21 +11,12 @@ import paddle
 import paddle.nn.functional as F
 
 from paddle_impl import cpu_kernels, layers, vits
+from test_cpu_kernels import _rel, _t
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.enabled_by_env() or cpu_kernels.get() is None,
                                 reason='our CPU kernels are off or not built here (their fallback is tested elsewhere)')
 
 TOL = {'float64': 1e-12, 'float32': 2e-5}
-
-
-def _t(a, grad=True):
-    t = paddle.to_tensor(a)
-    t.stop_gradient = not grad
-    return t
-
-
-def _rel(a, b):
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def _attention_plain(q, k, v, scale):

@@ -605,6 +605,23 @@ Conv& conv_for(const std::vector<int64_t>& xs, const std::vector<int64_t>& ws, i
   return *slot;
 }
 
+// Runs primitive `p` on two inputs and one output, each a Paddle tensor's data in its plain layout (reordered to
+// and from the layouts the primitive chose), bound in this order: input a, input b, output.
+void run(const Prim& p, const Port& in_a, int arg_a, const float* a, const Port& in_b, int arg_b, const float* b,
+         const Port& out, int arg_out, float* y, const paddle::Place& place) {
+  Bound ba(in_a, const_cast<float*>(a), place, true);
+  Bound bb(in_b, const_cast<float*>(b), place, true);
+  Bound bo(out, y, place, false);
+  execute(p, {{arg_a, ba.mem()}, {arg_b, bb.mem()}, {arg_out, bo.mem()}}, place);
+  bo.write_back();
+}
+
+// Builds a backward primitive of `c` at its first use (`built`: whether it exists).
+void build_once(Conv* c, const Prim& built, void (*build)(Conv*)) {
+  std::lock_guard<std::mutex> lock(g_dnnl.mu);
+  if (built.prim == nullptr) build(c);
+}
+
 void check_f32(const paddle::Tensor& t, const char* what) {
   check_cpu(t, what);
   PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, what, ": oneDNN convolutions are float32 only");
@@ -627,12 +644,8 @@ std::vector<paddle::Tensor> DnnlConvForward(const paddle::Tensor& x, const paddl
   dnnl::check_f32(w, "moco_dnnl_conv");
   dnnl::Conv& c = dnnl::conv_for(x.shape(), w.shape(), sh, sw, ph, pw);
   auto y = paddle::empty({c.N, c.CO, c.HO, c.WO}, x.dtype(), x.place());
-  dnnl::Bound src(c.f_src, const_cast<float*>(x.data<float>()), x.place(), true);
-  dnnl::Bound wts(c.f_w, const_cast<float*>(w.data<float>()), x.place(), true);
-  dnnl::Bound dst(c.f_dst, y.data<float>(), x.place(), false);
-  dnnl::execute(c.fwd, {{dnnl::kArgSrc, src.mem()}, {dnnl::kArgWeights, wts.mem()}, {dnnl::kArgDst, dst.mem()}},
-                x.place());
-  dst.write_back();
+  dnnl::run(c.fwd, c.f_src, dnnl::kArgSrc, x.data<float>(), c.f_w, dnnl::kArgWeights, w.data<float>(), c.f_dst,
+            dnnl::kArgDst, y.data<float>(), x.place());
   return {y};
 }
 
@@ -645,18 +658,10 @@ std::vector<paddle::Tensor> DnnlConvBackwardData(const paddle::Tensor& w, const 
   dnnl::Conv& c = dnnl::conv_for({dy.shape()[0], ws[1], H, W}, ws, sh, sw, ph, pw);
   PD_CHECK(dy.shape() == std::vector<int64_t>({c.N, c.CO, c.HO, c.WO}),
            "moco_dnnl_conv_grad_x: dy has the wrong shape");
-  {
-    std::lock_guard<std::mutex> lock(dnnl::g_dnnl.mu);
-    if (c.bwd_data.prim == nullptr) dnnl::build_backward_data(&c);
-  }
+  dnnl::build_once(&c, c.bwd_data, dnnl::build_backward_data);
   auto dx = paddle::empty({c.N, c.C, c.H, c.W}, dy.dtype(), dy.place());
-  dnnl::Bound ddst(c.d_ddst, const_cast<float*>(dy.data<float>()), dy.place(), true);
-  dnnl::Bound wts(c.d_w, const_cast<float*>(w.data<float>()), dy.place(), true);
-  dnnl::Bound dsrc(c.d_dsrc, dx.data<float>(), dy.place(), false);
-  dnnl::execute(c.bwd_data,
-                {{dnnl::kArgDiffDst, ddst.mem()}, {dnnl::kArgWeights, wts.mem()}, {dnnl::kArgDiffSrc, dsrc.mem()}},
-                dy.place());
-  dsrc.write_back();
+  dnnl::run(c.bwd_data, c.d_ddst, dnnl::kArgDiffDst, dy.data<float>(), c.d_w, dnnl::kArgWeights, w.data<float>(),
+            c.d_dsrc, dnnl::kArgDiffSrc, dx.data<float>(), dy.place());
   return {dx};
 }
 
@@ -667,18 +672,10 @@ std::vector<paddle::Tensor> DnnlConvBackwardWeights(const paddle::Tensor& x, con
   dnnl::Conv& c = dnnl::conv_for(x.shape(), {dy.shape()[1], x.shape()[1], kh, kw}, sh, sw, ph, pw);
   PD_CHECK(dy.shape() == std::vector<int64_t>({c.N, c.CO, c.HO, c.WO}),
            "moco_dnnl_conv_grad_w: dy has the wrong shape");
-  {
-    std::lock_guard<std::mutex> lock(dnnl::g_dnnl.mu);
-    if (c.bwd_weights.prim == nullptr) dnnl::build_backward_weights(&c);
-  }
+  dnnl::build_once(&c, c.bwd_weights, dnnl::build_backward_weights);
   auto dw = paddle::empty({c.CO, c.C, c.KH, c.KW}, x.dtype(), x.place());
-  dnnl::Bound src(c.w_src, const_cast<float*>(x.data<float>()), x.place(), true);
-  dnnl::Bound ddst(c.w_ddst, const_cast<float*>(dy.data<float>()), x.place(), true);
-  dnnl::Bound ddw(c.w_dw, dw.data<float>(), x.place(), false);
-  dnnl::execute(c.bwd_weights,
-                {{dnnl::kArgSrc, src.mem()}, {dnnl::kArgDiffDst, ddst.mem()}, {dnnl::kArgDiffWeights, ddw.mem()}},
-                x.place());
-  ddw.write_back();
+  dnnl::run(c.bwd_weights, c.w_src, dnnl::kArgSrc, x.data<float>(), c.w_ddst, dnnl::kArgDiffDst, dy.data<float>(),
+            c.w_dw, dnnl::kArgDiffWeights, dw.data<float>(), x.place());
   return {dw};
 }
 
