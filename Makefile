@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 # Python entry point also applies them itself when it imports paddle_impl; this passes them to all processes.
 MACHINE_ENV := $(shell test -x $(VPY) && $(VPY) -m paddle_impl.machine --make 2>/dev/null)
 $(foreach kv,$(MACHINE_ENV),$(eval export $(kv)))
-# torch and paddle in one process (parity, tests): idle OpenMP threads sleep instead of spinning
-export OMP_WAIT_POLICY ?= PASSIVE
+# torch and paddle in one process (tests, parity, demo's comparisons): idle OpenMP threads sleep instead of
+# spinning. Not for bench, whose workers get each setting they are measured under (bench/bench.py).
+test parity demo: export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv test parity demo bench bench-avx2 clean
 
@@ -34,12 +35,12 @@ demo: $(STAMP)
 	$(VPY) demo/run_demo.py --out demo_out
 
 bench: $(STAMP)
-	$(VPY) -m bench.bench --allocator both --out bench/results.json
+	$(VPY) -m bench.bench --allocator both --wait-policy both --out bench/results.json
 
 # the same items with both frameworks capped at AVX2/FMA (MKL, oneDNN, ATen, our kernels): an AVX2 machine's
 # code paths, measured on a wider CPU
 bench-avx2: $(STAMP)
-	$(VPY) -m bench.bench --isa avx2 --allocator both --no-inference --out bench/results_avx2.json
+	$(VPY) -m bench.bench --isa avx2 --allocator both --wait-policy both --no-inference --out bench/results_avx2.json
 
 clean:
 	rm -rf $(VENV)
@@ -48,6 +49,7 @@ clean:
 #   git clone https://github.com/facebookresearch/moco-v3 DIR; pip install --target TIMMDIR timm==0.4.9
 #   make parity-official OFFICIAL=DIR TIMM=TIMMDIR
 .PHONY: parity-official
+parity-official: export OMP_WAIT_POLICY ?= PASSIVE
 parity-official: $(STAMP)
 	@test -n "$(OFFICIAL)" || { echo "error: pass OFFICIAL=DIR (a checkout of facebookresearch/moco-v3) and TIMM=DIR (pip install --target DIR timm==0.4.9)"; exit 2; }
 	mkdir -p out

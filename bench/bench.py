@@ -51,13 +51,14 @@ second; each image passes twice through the base encoder and twice through the m
 """
 import json
 import os
+import signal
 import sys
 import time
 
-# Idle OpenMP threads sleep instead of spinning (workers inherit it; set OMP_WAIT_POLICY=ACTIVE to compare).
-# Measured here (2 shared vCPUs, load 4-5 from other processes): torch's step of a tiny ViT took 2.3 s with
-# 2 spinning threads, 10 ms with PASSIVE, 8 ms with one thread: with spinning waits, a timing measures the
-# scheduler. The Makefile exports the same.
+# This process (the inference item runs Paddle, torch and onnxruntime in it) and the GEMM and augmentation
+# workers: idle OpenMP threads sleep instead of spinning (measured, 2 shared vCPUs under load: torch's step of
+# a tiny ViT took 2.3 s with 2 spinning threads, 10 ms with PASSIVE). The training-step workers are measured
+# under each setting named by --wait-policy (wait_env), and a worker is stopped while the other one works.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 # the defaults Paddle reads at its import (threads; MKL's fast path on AMD); workers inherit them
 import paddle_impl  # noqa: F401,E402
@@ -238,6 +239,7 @@ class Worker:
         if self.framework == 'paddle' and self.role == 'model':
             from paddle_impl import cpu_kernels
             info['kernel_isa'] = cpu_kernels.active_isa()
+            info['kernel_openmp'] = cpu_kernels.openmp_runtime()
         return info
 
     def op_build(self, model, size):
@@ -338,7 +340,7 @@ def serve(framework, device, role):
 class WorkerProcess:
     """The parent's handle on a worker."""
 
-    def __init__(self, framework, device='cpu', role='model', env=None):
+    def __init__(self, framework, device='cpu', role='model', env=None, hold=False):
         import subprocess
         import tempfile
         self.name = f'{framework}/{role}'
@@ -348,7 +350,18 @@ class WorkerProcess:
                '--device', device]
         self.proc = subprocess.Popen(cmd, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=env)
+        # hold: the worker is stopped (SIGSTOP) between calls, so that nothing of it runs while the other
+        # framework is measured (idle OpenMP threads under OMP_WAIT_POLICY=ACTIVE spin for seconds)
+        self.hold = hold and hasattr(signal, 'SIGSTOP')
         self._read()
+        self._stop()
+
+    def _signal(self, name):
+        if self.hold and self.proc.poll() is None:
+            os.kill(self.proc.pid, getattr(signal, name))
+
+    def _stop(self):
+        self._signal('SIGSTOP')
 
     def _read(self):
         line = self.proc.stdout.readline()
@@ -362,11 +375,17 @@ class WorkerProcess:
         return res
 
     def call(self, op, **kw):
-        self.proc.stdin.write(json.dumps({'op': op, **kw}) + '\n')
-        self.proc.stdin.flush()
-        return self._read()
+        self._signal('SIGCONT')
+        try:
+            self.proc.stdin.write(json.dumps({'op': op, **kw}) + '\n')
+            self.proc.stdin.flush()
+            return self._read()
+        finally:
+            self._stop()
 
     def close(self):
+        self._signal('SIGCONT')
+        self.hold = False
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.write(json.dumps({'op': 'quit'}) + '\n')
@@ -379,13 +398,13 @@ class WorkerProcess:
 
 
 class Pair:
-    """A paddle and a torch worker, closed together."""
+    """A paddle and a torch worker, closed together; each one is stopped while the other works (``hold``)."""
 
-    def __init__(self, device, role='model', env=None):
+    def __init__(self, device, role='model', env=None, hold=True):
         self.w = {}
         try:
             for fw in FRAMEWORKS:
-                self.w[fw] = WorkerProcess(fw, device, role, env)
+                self.w[fw] = WorkerProcess(fw, device, role, env, hold=hold)
         except BaseException:
             self.close()
             raise
@@ -610,26 +629,40 @@ def isa_env(env, isa):
     return env
 
 
+def setting_name(r):
+    return f'allocator={r["allocator"]}, OMP_WAIT_POLICY={r.get("wait_policy", "PASSIVE")}'
+
+
 def best_of(items):
     """Each framework at its own best measured setting: per framework the item (setting) with the lowest median
-    step time; the ratio of those medians (and of the minima of the same settings)."""
-    pick = {fw: min(items, key=lambda r: r['median'][fw]) for fw in FRAMEWORKS}
-    med = {fw: pick[fw]['median'][fw] for fw in FRAMEWORKS}
-    mn = {fw: pick[fw]['min'][fw] for fw in FRAMEWORKS}
-    setting = {fw: f'allocator={pick[fw]["allocator"]}' for fw in FRAMEWORKS}
-    return item(med['paddle'], med['torch'], 's', setting=setting, median=med, min=mn,
+    step time; the ratio of those medians (and of the minima of the same settings). ``items``: {result key:
+    step item}; ``picked`` names each framework's item."""
+    pick = {fw: min(items, key=lambda k: items[k]['median'][fw]) for fw in FRAMEWORKS}
+    med = {fw: items[pick[fw]]['median'][fw] for fw in FRAMEWORKS}
+    mn = {fw: items[pick[fw]]['min'][fw] for fw in FRAMEWORKS}
+    setting = {fw: setting_name(items[pick[fw]]) for fw in FRAMEWORKS}
+    return item(med['paddle'], med['torch'], 's', setting=setting, picked=pick, median=med, min=mn,
                 ratio_min=mn['paddle'] / mn['torch'],
-                load_average=[min(r['load_average'][0] for r in items), max(r['load_average'][1] for r in items)])
+                load_average=[min(r['load_average'][0] for r in items.values()),
+                              max(r['load_average'][1] for r in items.values())])
 
 
 def memory_at_best(results, name):
-    """Peak memory of each framework under the allocator setting at which its step was fastest
-    (step_time_<name>_best)."""
-    setting = results[f'step_time_{name}_best']['setting']
-    by = {'allocator=tuned': results[f'peak_memory_{name}'],
-          'allocator=default': results[f'peak_memory_{name}_glibc_default']}
-    value = {fw: by[setting[fw]][fw] for fw in FRAMEWORKS}
-    return item(value['paddle'], value['torch'], 'MiB', setting=setting, measure='peak RSS growth')
+    """Peak memory of each framework under the setting at which its step was fastest (step_time_<name>_best):
+    the peak_memory_* item measured in the same run as the picked step_time_* item."""
+    best = results[f'step_time_{name}_best']
+    value = {fw: results[best['picked'][fw].replace('step_time_', 'peak_memory_', 1)][fw] for fw in FRAMEWORKS}
+    return item(value['paddle'], value['torch'], 'MiB', setting=best['setting'], measure='peak RSS growth')
+
+
+# the settings of the training-step items besides the first (allocator tuned, OMP_WAIT_POLICY=PASSIVE):
+# result-key suffix -> (allocator, OMP_WAIT_POLICY)
+EXTRA_SETTINGS = {'glibc_default': ('default', 'PASSIVE'), 'omp_active': ('tuned', 'ACTIVE')}
+
+
+def wait_env(env, policy):
+    """OMP_WAIT_POLICY of both workers: PASSIVE (idle OpenMP threads sleep at once) or ACTIVE (they spin)."""
+    return dict(env, OMP_WAIT_POLICY=policy)
 
 
 def machine_facts():
@@ -639,7 +672,7 @@ def machine_facts():
 
 
 def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print, allocator='tuned', reps=None,
-        inference=True, isa=None):
+        inference=True, isa=None, wait='passive'):
     skey = 'quick' if quick else device
     if reps:
         if reps < 1:
@@ -650,7 +683,7 @@ def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print
     if threads:
         env['OMP_NUM_THREADS'] = str(threads)
     base_env = env
-    env = allocator_env(base_env, 'default' if allocator == 'default' else 'tuned')
+    env = wait_env(allocator_env(base_env, 'default' if allocator == 'default' else 'tuned'), 'PASSIVE')
     results = {}
     infos = {}
     load_before = os.getloadavg() if hasattr(os, 'getloadavg') else None
@@ -659,6 +692,7 @@ def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print
     machine['versions'] = {**infos['paddle']['versions'], **infos['torch']['versions']}
     machine['paddle_flags'] = infos['paddle'].get('paddle_flags')
     machine['kernel_isa'] = infos['paddle'].get('kernel_isa')
+    machine['kernel_openmp'] = infos['paddle'].get('kernel_openmp')
     machine['cpu_facts'] = machine_facts()
     machine['settings'] = dict(size, size_name=skey, settle_s=SETTLE_S, crop_min=CROP_MIN, momentum=MOMENTUM)
     machine['isa_cap'] = isa or 'native'
@@ -668,14 +702,21 @@ def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print
         results.update(measure_model(name, skey, device, log, env))
     machine['allocator'] = 'default' if allocator == 'default' else 'tuned'
     for name in models:
-        results[f'step_time_{name}']['allocator'] = machine['allocator']
-    if allocator == 'both':  # the same steps again with glibc's default malloc settings on both sides
-        for name in models:
-            res = measure_model(name, skey, device, log, allocator_env(base_env, 'default'))
-            results[f'step_time_{name}_glibc_default'] = dict(res[f'step_time_{name}'], allocator='default')
-            results[f'peak_memory_{name}_glibc_default'] = dict(res[f'peak_memory_{name}'], allocator='default')
-            results[f'step_time_{name}_best'] = best_of(
-                [results[f'step_time_{name}'], results[f'step_time_{name}_glibc_default']])
+        results[f'step_time_{name}'].update(allocator=machine['allocator'], wait_policy='PASSIVE')
+    # the same steps again under other settings, identical on both sides (each framework's best: *_best)
+    extra = {k: v for k, v in EXTRA_SETTINGS.items()
+             if (allocator == 'both' or v[0] == machine['allocator']) and (wait == 'both' or v[1] == 'PASSIVE')}
+    extra = {k: v for k, v in extra.items() if v != (machine['allocator'], 'PASSIVE')}
+    for name in models:
+        for suffix, (alloc, policy) in extra.items():
+            res = measure_model(name, skey, device, log, wait_env(allocator_env(base_env, alloc), policy))
+            results[f'step_time_{name}_{suffix}'] = dict(res[f'step_time_{name}'], allocator=alloc,
+                                                         wait_policy=policy)
+            results[f'peak_memory_{name}_{suffix}'] = dict(res[f'peak_memory_{name}'], allocator=alloc,
+                                                           wait_policy=policy)
+        if extra:
+            steps = {k: results[k] for k in [f'step_time_{name}'] + [f'step_time_{name}_{x}' for x in extra]}
+            results[f'step_time_{name}_best'] = best_of(steps)
             results[f'peak_memory_{name}_best'] = memory_at_best(results, name)
             log(f'{name}: each at its best setting: ratio {results[f"step_time_{name}_best"]["ratio"]:.3f} '
                 f'({results[f"step_time_{name}_best"]["setting"]})')
@@ -694,8 +735,10 @@ def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print
 
 ORDER = ['step_time_vit_small_best', 'step_time_resnet50_best', 'step_time_vit_small', 'step_time_resnet50',
          'step_time_vit_small_glibc_default', 'step_time_resnet50_glibc_default',
+         'step_time_vit_small_omp_active', 'step_time_resnet50_omp_active',
          'peak_memory_vit_small_best', 'peak_memory_resnet50_best', 'peak_memory_vit_small',
          'peak_memory_resnet50', 'peak_memory_vit_small_glibc_default', 'peak_memory_resnet50_glibc_default',
+         'peak_memory_vit_small_omp_active', 'peak_memory_resnet50_omp_active',
          'aug_throughput', 'gflops_vit_small', 'gflops_resnet50', 'gemm_peak']
 
 
@@ -740,6 +783,10 @@ def main(argv=None):
     p.add_argument('--allocator', default='tuned', choices=('tuned', 'default', 'both'),
                    help="glibc malloc settings of both frameworks' workers: 'tuned' (paddle_impl.MALLOC_ENV: "
                         "freed memory is kept for reuse), 'default' (glibc's), 'both' (the steps with each)")
+    p.add_argument('--wait-policy', default='passive', choices=('passive', 'both'),
+                   help="OMP_WAIT_POLICY of both frameworks' training-step workers: 'passive' (idle OpenMP threads "
+                        "sleep at once), 'both' (the steps also with ACTIVE: spinning threads; *_best then picks "
+                        "each framework's faster setting)")
     p.add_argument('--no-inference', action='store_true',
                    help='skip the inference-latency item (bench/inference.py: exported backbone, five engines)')
     p.add_argument('--isa', default='native', choices=('native',) + tuple(ISA_CAPS),
@@ -757,7 +804,7 @@ def main(argv=None):
             p.error(f"unknown model '{m}'; known: {', '.join(MODELS)}")
     try:
         results = run(args.quick, args.device, models, args.threads, allocator=args.allocator, reps=args.reps,
-                      inference=not args.no_inference, isa=args.isa)
+                      inference=not args.no_inference, isa=args.isa, wait=args.wait_policy)
     except RuntimeError as e:
         print(f'bench failed: {e}', file=sys.stderr)
         return 1

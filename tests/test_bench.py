@@ -53,23 +53,55 @@ def test_table_and_json_layout():
     json.dumps(results)
 
 
+def _step(allocator, paddle_med, torch_med, policy='PASSIVE'):
+    return bench.item(paddle_med, torch_med, 's', allocator=allocator, wait_policy=policy,
+                      median={'paddle': paddle_med, 'torch': torch_med},
+                      min={'paddle': paddle_med - 0.5, 'torch': torch_med - 0.5}, load_average=[1.0, 2.0])
+
+
 def test_best_of_settings():
     """Each framework's best setting is chosen on its own: the ratio can come from two different settings."""
-    def step(allocator, paddle_med, torch_med):
-        return bench.item(paddle_med, torch_med, 's', allocator=allocator,
-                          median={'paddle': paddle_med, 'torch': torch_med}, min={'paddle': paddle_med - 0.5, 'torch': torch_med - 0.5}, load_average=[1.0, 2.0])
-    best = bench.best_of([step('tuned', 5.0, 6.5), step('default', 5.5, 5.0)])
-    assert best['setting'] == {'paddle': 'allocator=tuned', 'torch': 'allocator=default'}
+    best = bench.best_of({'step_time_m': _step('tuned', 5.0, 6.5), 'step_time_m_glibc_default': _step('default', 5.5, 5.0),
+                          'step_time_m_omp_active': _step('tuned', 6.0, 5.2, 'ACTIVE')})
+    assert best['setting'] == {'paddle': 'allocator=tuned, OMP_WAIT_POLICY=PASSIVE',
+                               'torch': 'allocator=default, OMP_WAIT_POLICY=PASSIVE'}
+    assert best['picked'] == {'paddle': 'step_time_m', 'torch': 'step_time_m_glibc_default'}
     assert best['ratio'] == 1.0 and best['ratio_min'] == 1.0
     assert best['median'] == {'paddle': 5.0, 'torch': 5.0} and best['load_average'] == [1.0, 2.0]
+    # a setting that speeds torch up is torch's best even where it slows Paddle down
+    best = bench.best_of({'step_time_m': _step('tuned', 5.0, 6.5), 'step_time_m_omp_active': _step('tuned', 9.0, 4.0, 'ACTIVE')})
+    assert best['setting']['torch'] == 'allocator=tuned, OMP_WAIT_POLICY=ACTIVE' and best['ratio'] == 5.0 / 4.0
 
 
 def test_memory_at_each_frameworks_best_setting():
-    results = {'step_time_m_best': {'setting': {'paddle': 'allocator=tuned', 'torch': 'allocator=default'}},
+    results = {'step_time_m_best': {'setting': {}, 'picked': {'paddle': 'step_time_m', 'torch': 'step_time_m_omp_active'}},
                'peak_memory_m': bench.item(100.0, 300.0, 'MiB'),
-               'peak_memory_m_glibc_default': bench.item(200.0, 150.0, 'MiB')}
+               'peak_memory_m_glibc_default': bench.item(200.0, 150.0, 'MiB'),
+               'peak_memory_m_omp_active': bench.item(50.0, 250.0, 'MiB')}
     mem = bench.memory_at_best(results, 'm')
-    assert (mem['paddle'], mem['torch'], mem['ratio']) == (100.0, 150.0, 100.0 / 150.0)
+    assert (mem['paddle'], mem['torch'], mem['ratio']) == (100.0, 250.0, 100.0 / 250.0)
+
+
+def _state(pid):
+    with open(f'/proc/{pid}/stat') as f:
+        return f.read().rsplit(')', 1)[1].split()[0]
+
+
+def test_workers_are_stopped_between_calls():
+    """A held worker is stopped (SIGSTOP) except while it answers a call, so that its idle threads (spinning under
+    OMP_WAIT_POLICY=ACTIVE) take nothing from the other framework's measurement; closing resumes and ends it."""
+    with bench.Pair('cpu', role='aug', env=dict(os.environ, OMP_NUM_THREADS='1')) as w:
+        for x in w.values():
+            assert x.hold and _state(x.proc.pid) == 'T'
+            assert x.call('info')['ok'] and _state(x.proc.pid) == 'T'
+        procs = [x.proc for x in w.values()]
+    for proc in procs:
+        assert proc.wait(timeout=30) == 0
+    free = bench.WorkerProcess('paddle', 'cpu', 'aug', dict(os.environ, OMP_NUM_THREADS='1'))
+    try:
+        assert not free.hold and _state(free.proc.pid) != 'T'
+    finally:
+        free.close()
 
 
 def test_isa_cap_environment():
@@ -90,3 +122,33 @@ def test_isa_cap_environment():
     vendor = machine.cpu_facts()['vendor']
     assert capped.get('MKL_DEBUG_CPU_TYPE') == ('5' if vendor == 'amd' else None)
     assert env['MKL_DEBUG_CPU_TYPE'] == '7'  # the caller's dict is not changed
+
+
+def test_run_measures_each_setting_and_picks_each_frameworks_best(monkeypatch):
+    """run(allocator='both', wait='both'): the steps under (tuned, PASSIVE), (default, PASSIVE) and (tuned, ACTIVE),
+    each with that environment on both workers; *_best and its memory from each framework's fastest run."""
+    seen = []
+    # (allocator, policy) -> (paddle, torch) step medians: torch fastest with ACTIVE, Paddle with PASSIVE
+    times = {('tuned', 'PASSIVE'): (5.0, 6.0), ('default', 'PASSIVE'): (5.5, 6.2), ('tuned', 'ACTIVE'): (7.0, 4.0)}
+
+    def fake_model(name, skey, device, log, env):
+        key = ('default' if env.get('MOCO_MALLOC_TUNE') == '0' else 'tuned', env['OMP_WAIT_POLICY'])
+        seen.append(key)
+        p, t = times[key]
+        return {f'step_time_{name}': _step(key[0], p, t, key[1]),
+                f'peak_memory_{name}': bench.item(p * 100, t * 100, 'MiB')}
+
+    info = {'versions': {}, 'ok': True, 'cpu': 'x', 'cores': 2, 'env': {}}
+    monkeypatch.setattr(bench, 'measure_model', fake_model)
+    monkeypatch.setattr(bench, 'measure_gemm', lambda size, device, log, infos, env: infos.update(paddle=info, torch=info))
+    monkeypatch.setattr(bench, 'measure_aug', lambda size, log, env: bench.item(1.0, 1.0, 'images/s'))
+    res = bench.run(quick=True, models=('m',), allocator='both', wait='both', inference=False, log=lambda *a: None)
+    assert seen == [('tuned', 'PASSIVE'), ('default', 'PASSIVE'), ('tuned', 'ACTIVE')]
+    best = res['step_time_m_best']
+    assert best['picked'] == {'paddle': 'step_time_m', 'torch': 'step_time_m_omp_active'}
+    assert best['ratio'] == 5.0 / 4.0
+    assert (res['peak_memory_m_best']['paddle'], res['peak_memory_m_best']['torch']) == (500.0, 400.0)
+    assert res['step_time_m_omp_active']['wait_policy'] == 'ACTIVE'
+    seen.clear()
+    res = bench.run(quick=True, models=('m',), allocator='tuned', inference=False, log=lambda *a: None)
+    assert seen == [('tuned', 'PASSIVE')] and 'step_time_m_best' not in res

@@ -71,6 +71,28 @@ def test_kernels_build_here():
     assert cpu_kernels.usable(paddle.zeros([2], dtype='float32'))
 
 
+def test_one_openmp_runtime():
+    """Our kernels' OpenMP loops run on the runtime Paddle's own kernels, MKL and oneDNN run on (the wheel's
+    libiomp5), not on a second pool of GCC's libgomp: the dynamic linker's record of where the library's
+    GOMP_parallel calls were bound, in a process that ran one of its parallel loops."""
+    import tempfile
+    import paddle as pd
+    if not os.path.isfile(os.path.join(os.path.dirname(pd.__file__), 'libs', 'libiomp5.so')):
+        pytest.skip('this Paddle wheel has no libiomp5 (the kernels link libgomp then)')
+    assert cpu_kernels.openmp_runtime() == 'libiomp5'
+    code = ('import paddle; from paddle_impl import layers, cpu_kernels; assert cpu_kernels.get() is not None; '
+            'layers.softmax_scaled(paddle.rand([4, 6, 197, 197]), 0.125)')
+    with tempfile.TemporaryDirectory() as tmp:
+        r = _python(code, LD_DEBUG='bindings', LD_DEBUG_OUTPUT=os.path.join(tmp, 'ld'))
+        assert r.returncode == 0, r.stderr[-2000:]
+        lines = []
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name)) as f:
+                lines += [ln for ln in f if 'moco_cpu_kernels' in ln.split(' to ')[0] and '`GOMP_parallel' in ln]
+    assert lines, 'no binding of GOMP_parallel from our kernel library was recorded'
+    assert all('/libiomp5.so' in ln.split(' to ')[1] for ln in lines), lines
+
+
 def _t(a, grad=True):
     t = paddle.to_tensor(a)
     t.stop_gradient = not grad
