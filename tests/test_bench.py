@@ -82,9 +82,17 @@ def test_memory_at_each_frameworks_best_setting():
     assert (mem['paddle'], mem['torch'], mem['ratio']) == (100.0, 250.0, 100.0 / 250.0)
 
 
-def _state(pid):
-    with open(f'/proc/{pid}/stat') as f:
-        return f.read().rsplit(')', 1)[1].split()[0]
+def _state(pid, want=None, wait_s=5.0):
+    """The process's state letter ('T': stopped); with ``want``, polled until it is that (a signal is
+    delivered asynchronously) or ``wait_s`` passed."""
+    import time
+    deadline = time.time() + wait_s
+    while True:
+        with open(f'/proc/{pid}/stat') as f:
+            state = f.read().rsplit(')', 1)[1].split()[0]
+        if want is None or state == want or time.time() > deadline:
+            return state
+        time.sleep(0.01)
 
 
 def test_workers_are_stopped_between_calls():
@@ -92,14 +100,14 @@ def test_workers_are_stopped_between_calls():
     OMP_WAIT_POLICY=ACTIVE) take nothing from the other framework's measurement; closing resumes and ends it."""
     with bench.Pair('cpu', role='aug', env=dict(os.environ, OMP_NUM_THREADS='1')) as w:
         for x in w.values():
-            assert x.hold and _state(x.proc.pid) == 'T'
-            assert x.call('info')['ok'] and _state(x.proc.pid) == 'T'
+            assert x.hold and _state(x.proc.pid, 'T') == 'T'
+            assert x.call('info')['ok'] and _state(x.proc.pid, 'T') == 'T'
         procs = [x.proc for x in w.values()]
     for proc in procs:
         assert proc.wait(timeout=30) == 0
     free = bench.WorkerProcess('paddle', 'cpu', 'aug', dict(os.environ, OMP_NUM_THREADS='1'))
     try:
-        assert not free.hold and _state(free.proc.pid) != 'T'
+        assert not free.hold and _state(free.proc.pid, 'T', wait_s=0.5) != 'T'
     finally:
         free.close()
 
