@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 # Python entry point also applies them itself when it imports paddle_impl; this passes them to all processes.
 MACHINE_ENV := $(shell test -x $(VPY) && $(VPY) -m paddle_impl.machine --make 2>/dev/null)
 $(foreach kv,$(MACHINE_ENV),$(eval export $(kv)))
-# torch and paddle in one process (tests, parity, demo's comparisons): idle OpenMP threads sleep instead of
-# spinning. Not for bench, whose workers get each setting they are measured under (bench/bench.py).
+# torch and paddle in one process (tests, parity): idle OpenMP threads sleep instead of spinning; the demo too
+# (its data-loading worker processes share the 2 cores). Not for bench: its workers get each setting they are
+# measured under (bench/bench.py).
 test parity demo: export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv test parity demo bench bench-avx2 clean
