@@ -10,7 +10,7 @@ $(foreach kv,$(MACHINE_ENV),$(eval export $(kv)))
 # torch and paddle in one process (tests, parity): idle OpenMP threads sleep instead of spinning; the demo too
 # (its data-loading worker processes share the 2 cores). Not for bench: its workers get each setting they are
 # measured under (bench/bench.py).
-test parity demo: export OMP_WAIT_POLICY ?= PASSIVE
+test parity demo parity-official: export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv test parity demo bench bench-avx2 clean
 
@@ -53,7 +53,6 @@ clean:
 #   git clone https://github.com/facebookresearch/moco-v3 DIR; pip install --target TIMMDIR timm==0.4.9
 #   make parity-official OFFICIAL=DIR TIMM=TIMMDIR
 .PHONY: parity-official
-parity-official: export OMP_WAIT_POLICY ?= PASSIVE
 parity-official: $(STAMP)
 	@test -n "$(OFFICIAL)" || { echo "error: pass OFFICIAL=DIR (a checkout of facebookresearch/moco-v3) and TIMM=DIR (pip install --target DIR timm==0.4.9)"; exit 2; }
 	mkdir -p out

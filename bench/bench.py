@@ -354,14 +354,11 @@ class WorkerProcess:
         # framework is measured (idle OpenMP threads under OMP_WAIT_POLICY=ACTIVE spin for seconds)
         self.hold = hold and hasattr(signal, 'SIGSTOP')
         self._read()
-        self._stop()
+        self._signal('SIGSTOP')
 
     def _signal(self, name):
         if self.hold and self.proc.poll() is None:
             os.kill(self.proc.pid, getattr(signal, name))
-
-    def _stop(self):
-        self._signal('SIGSTOP')
 
     def _read(self):
         line = self.proc.stdout.readline()
@@ -381,7 +378,7 @@ class WorkerProcess:
             self.proc.stdin.flush()
             return self._read()
         finally:
-            self._stop()
+            self._signal('SIGSTOP')
 
     def close(self):
         self._signal('SIGCONT')
@@ -704,9 +701,9 @@ def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print
     for name in models:
         results[f'step_time_{name}'].update(allocator=machine['allocator'], wait_policy='PASSIVE')
     # the same steps again under other settings, identical on both sides (each framework's best: *_best)
-    extra = {k: v for k, v in EXTRA_SETTINGS.items()
-             if (allocator == 'both' or v[0] == machine['allocator']) and (wait == 'both' or v[1] == 'PASSIVE')}
-    extra = {k: v for k, v in extra.items() if v != (machine['allocator'], 'PASSIVE')}
+    extra = {k: (alloc, policy) for k, (alloc, policy) in EXTRA_SETTINGS.items()
+             if (alloc, policy) != (machine['allocator'], 'PASSIVE')
+             and (allocator == 'both' or alloc == machine['allocator']) and (wait == 'both' or policy == 'PASSIVE')}
     for name in models:
         for suffix, (alloc, policy) in extra.items():
             res = measure_model(name, skey, device, log, wait_env(allocator_env(base_env, alloc), policy))

@@ -76,15 +76,13 @@ def test_one_openmp_runtime():
     libiomp5), not on a second pool of GCC's libgomp: the dynamic linker's record of where the library's
     GOMP_parallel calls were bound, in a process that ran one of its parallel loops."""
     import tempfile
-    import paddle as pd
-    if not os.path.isfile(os.path.join(os.path.dirname(pd.__file__), 'libs', 'libiomp5.so')):
+    if not os.path.isfile(os.path.join(os.path.dirname(paddle.__file__), 'libs', 'libiomp5.so')):
         pytest.skip('this Paddle wheel has no libiomp5 (the kernels link libgomp then)')
     assert cpu_kernels.openmp_runtime() == 'libiomp5'
     code = ('import paddle; from paddle_impl import layers, cpu_kernels; assert cpu_kernels.get() is not None; '
             'layers.softmax_scaled(paddle.rand([4, 6, 197, 197]), 0.125)')
     with tempfile.TemporaryDirectory() as tmp:
-        r = _python(code, LD_DEBUG='bindings', LD_DEBUG_OUTPUT=os.path.join(tmp, 'ld'))
-        assert r.returncode == 0, r.stderr[-2000:]
+        _python(code, LD_DEBUG='bindings', LD_DEBUG_OUTPUT=os.path.join(tmp, 'ld'))  # asserts exit 0
         lines = []
         for name in os.listdir(tmp):
             with open(os.path.join(tmp, name)) as f:
