@@ -607,6 +607,8 @@ def run_main(fn, args, resume_hint='--resume auto'):
         where = f"'{e.filename}'" if getattr(e, 'filename', None) else f'a file in --output-dir {args.output_dir}'
         return _fail(f'cannot write {where}: {e.strerror or e}; the checkpoints written so far are intact: fix '
                      f'the cause and rerun with {resume_hint}', EXIT_USAGE)
+    finally:
+        utils.close_logging()  # log.txt is not held open after the run (in-process callers, notebooks)
     return 0
 
 

@@ -662,6 +662,7 @@ def linear_probe(data, pretrained=None, arch='vit_small', epochs=10, batch_size=
         else:
             out = run(args)
     finally:
+        utils.close_logging()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     out.pop('model', None)

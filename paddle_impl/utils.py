@@ -19,9 +19,9 @@ from paddle.autograd import PyLayer
 from . import layers
 from .layers import reduce_count
 
-__all__ = ['LOGGER_NAME', 'setup_logging', 'AverageMeter', 'ProgressMeter', 'format_duration', 'MetricsWriter',
-           'read_metrics', 'plot_curves', 'world_size', 'rank', 'is_main_process', 'init_distributed',
-           'all_reduce_mean', 'all_reduce_sum', 'SyncBatchNormMixin', 'convert_sync_batchnorm',
+__all__ = ['LOGGER_NAME', 'setup_logging', 'close_logging', 'AverageMeter', 'ProgressMeter', 'format_duration',
+           'MetricsWriter', 'read_metrics', 'plot_curves', 'world_size', 'rank', 'is_main_process',
+           'init_distributed', 'all_reduce_mean', 'all_reduce_sum', 'SyncBatchNormMixin', 'convert_sync_batchnorm',
            'optimizer_state', 'load_optimizer_state', 'rng_state', 'set_rng_state']
 
 LOGGER_NAME = 'moco'
@@ -53,6 +53,16 @@ def setup_logging(rank=0, log_file=None, name=LOGGER_NAME):
         h._moco_handler = True
         logger.addHandler(h)
     return logger
+
+
+def close_logging(name=LOGGER_NAME):
+    """Remove and close the handlers setup_logging installed (log.txt is released: a run called in-process
+    leaves no open file in its output folder)."""
+    logger = logging.getLogger(name)
+    for h in list(logger.handlers):
+        if getattr(h, '_moco_handler', False):
+            logger.removeHandler(h)
+            h.close()
 
 
 class AverageMeter:

@@ -8,6 +8,7 @@ models (exact shapes, no memory); set MOCO_TEST_BIG=1 to also convert a real vit
 import os
 import pathlib
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -126,7 +127,26 @@ def quiet(*_):
 
 @pytest.fixture(scope='module')
 def work(tmp_path_factory):
-    return tmp_path_factory.mktemp('convert')
+    d = tmp_path_factory.mktemp('convert')
+    yield d
+    _made.clear()
+    shutil.rmtree(d, ignore_errors=True)  # the official inputs: ~4 GB of full-width checkpoints
+
+
+@pytest.fixture(autouse=True)
+def _drop_outputs(request):
+    """What a test writes into the module's folder goes when the test ends (the official inputs stay): kept, the
+    outputs of this module alone would fill ~9 GB of the disk CI shares."""
+    if 'work' not in request.fixturenames:
+        yield
+        return
+    work = request.getfixturevalue('work')
+    before = set(os.listdir(work))
+    yield
+    inputs = {p.name for p, _ in _made.values()}
+    for name in set(os.listdir(work)) - before - inputs:
+        path = work / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 _made = {}

@@ -240,8 +240,37 @@ def _mount_tmpfs(path, size_kb, ro=False):
     return r.returncode == 0
 
 
+def _open_files():
+    """The paths this process holds open."""
+    out = []
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            out.append(os.readlink(f'/proc/self/fd/{fd}'))
+        except OSError:  # the listing's own descriptor
+            pass
+    return out
+
+
 def _umount(path):
-    subprocess.run(['umount', str(path)], capture_output=True)
+    r = subprocess.run(['umount', str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        subprocess.run(['umount', '-l', str(path)], capture_output=True)  # never leave a mount behind
+        raise AssertionError(f'{path} still in use after the run ({r.stderr.strip()}); open here: '
+                             f'{[f for f in _open_files() if f.startswith(str(path))]}')
+
+
+def test_no_file_left_open_after_an_in_process_run(data_dir, tmp_path, capsys):
+    """main() called in-process (a notebook, a sweep) releases its output folder: log.txt is closed when it
+    returns, on success and on an error, so the folder can be unmounted, moved or deleted."""
+    from paddle_impl import main_moco
+    out = tmp_path / 'out'
+    rc, err = _in_process(main_moco.main, [*moco_args(data_dir, out), '--no-vdl'], capsys)
+    assert rc == 0 and os.path.exists(out / 'log.txt'), err
+    assert not [f for f in _open_files() if f.startswith(str(out))]
+    rc, err = _in_process(main_moco.main, [*moco_args(data_dir, out), '--no-vdl', '--resume', out / 'nothing'],
+                          capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert not [f for f in _open_files() if f.startswith(str(out))]
 
 
 def _digest(folder):
