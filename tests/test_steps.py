@@ -114,6 +114,18 @@ def test_planted_lars_decaying_1d_params_fails():
     assert _row(rows, 'final params: base_encoder').rel_l2 > 1e-7  # far above any float64 noise
 
 
+def test_planted_momentum_update_of_bn_buffers_fails(monkeypatch):
+    """Updating the BN running statistics along with the parameters in the momentum update (Paddle lists them
+    as parameters) is caught. Not in the first steps: MoCo.forward updates the momentum encoder before either
+    encoder's forward, and the two encoders' statistics stay equal until their parameters differ (the warm-up's
+    first learning rate is 0), so the run is 5 steps long."""
+    from paddle_impl import builder
+    monkeypatch.setattr(builder, 'model_parameters', lambda layer: layer.parameters())
+    rows = run_steps('resnet50', 'lars', steps=5, dtype='float64', per_step=False, img_size=32)
+    _show(rows, 'PLANTED: momentum update of the BN statistics (must FAIL)')
+    assert {r.check for r in _failed(rows)} == {'final BN running mean/var'}
+
+
 def test_planted_adamw_without_decay_on_1d_params_fails():
     """A common convention (no weight decay on biases and norms) that the official MoCo v3 does NOT use."""
     def planted(name, params, lr, wd, momentum):
