@@ -526,6 +526,10 @@ def _backward_and_update(loss, optimizer, scaler, before_update):
     else:
         scaler.step(optimizer)
         scaler.update()
+    # Released now rather than by the next step's clear_grad: the gradients would otherwise sit through the
+    # next forward, on top of its saved activations (ResNet-50, 8 images per view, CPU: the step's peak of
+    # live tensors 61 MiB lower). Read them in before_update.
+    optimizer.clear_grad(set_to_zero=False)
 
 
 def moco_step(model, x1, x2, optimizer, scaler, *, e, lr, epochs, warmup_epochs, moco_m, moco_m_cos,
@@ -536,7 +540,8 @@ def moco_step(model, x1, x2, optimizer, scaler, *, e, lr, epochs, warmup_epochs,
     Sets the scheduled learning rate and MoCo momentum, runs the forward (momentum update inside) under
     autocast, all-reduces the loss for logging, then backward through the scaler and the optimizer step.
     poison: turn the loss into NaN (debug hook). before_update(optimizer): called after backward, before
-    the optimizer step (the harness reads gradients and optimizer state there)."""
+    the optimizer step (the harness reads gradients and optimizer state there); the gradients are released
+    after the optimizer step."""
     cur_lr = schedules.adjust_learning_rate(optimizer, e, lr, warmup_epochs, epochs)
     m = schedules.adjust_moco_momentum(e, moco_m, epochs) if moco_m_cos else moco_m
     with paddle.amp.auto_cast(enable=amp, dtype=amp_dtype, level='O1'):

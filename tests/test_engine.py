@@ -165,6 +165,25 @@ def test_finetune_step_skips_a_non_finite_loss_without_update():
     assert res.finite and not np.array_equal(model.weight.numpy(), before)
 
 
+def test_moco_step_releases_the_gradients_after_the_update():
+    """The gradients are there for before_update (the harness reads them there) and gone after the step, so
+    they do not sit through the next forward; the update itself used them (the parameters moved)."""
+    paddle.seed(0)
+    model = models.build_moco('resnet50', 16, 32, 0.2, 32, False)
+    model.train()
+    opt, scaler, lr = engine.moco_training_setup(model, 'lars', 0.6, 8, 1e-6)
+    trainable = [p for p in model.parameters() if not p.stop_gradient]
+    before = trainable[0].numpy().copy()
+    seen = {}
+    x1, x2 = paddle.randn([8, 3, 32, 32]), paddle.randn([8, 3, 32, 32])
+    res = engine.moco_step(model, x1, x2, opt, scaler, e=0.5, lr=lr, epochs=1, warmup_epochs=0, moco_m=0.99,
+                           moco_m_cos=False, before_update=lambda o: seen.update(
+                               n=sum(p.grad is not None for p in trainable)))
+    assert res.finite and seen['n'] == len(trainable)
+    assert all(p.grad is None for p in model.parameters())
+    assert not np.array_equal(trainable[0].numpy(), before)
+
+
 # --------------------------------------------------------------------------------------- MoCo loss dtype
 
 @pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
