@@ -156,8 +156,9 @@ class TorchStep:
 
 class PaddleStep:
     """The product's own training step (paddle_impl/engine.py moco_training_setup + moco_step, what main_moco
-    runs every iteration): learning-rate schedule at its peak value, forward, gradients released
-    (clear_grad(set_to_zero=False), as torch's zero_grad), backward, optimizer step."""
+    runs every iteration): learning-rate schedule at its peak value, forward (the targets first), gradients
+    released (clear_grad(set_to_zero=False), as torch's zero_grad), backward, optimizer step, gradients
+    released again."""
 
     def __init__(self, model_name, size, device='cpu'):
         import paddle
