@@ -32,11 +32,8 @@ LOGGER_NAME = 'moco'
 def setup_logging(rank=0, log_file=None, name=LOGGER_NAME):
     """The logger ``name``: rank 0 logs INFO to stdout (and to ``log_file`` if given, appended); other ranks
     only WARNING and above, to stderr. Calling it again replaces the handlers it installed before."""
+    close_logging(name)
     logger = logging.getLogger(name)
-    for h in list(logger.handlers):
-        if getattr(h, '_moco_handler', False):
-            logger.removeHandler(h)
-            h.close()
     logger.propagate = False
     fmt = logging.Formatter('%(asctime)s %(message)s', datefmt='%H:%M:%S')
     if rank == 0:

@@ -581,12 +581,11 @@ def trace_moco_steps(pair, arch, optimizer, steps, dtype='float64', img_size=32,
             grads = {}
 
             def before_update(_opt):  # the product's step releases the gradients after the update
-                grads['paddle'] = tr.param_grads()[0]
+                grads['both'] = tr.param_grads()  # torch's: its step is done, they stay on its parameters
             engine.moco_step(pmod, paddle.to_tensor(x1), paddle.to_tensor(x2), popt, scaler, e=e, lr=lr_p,
                              epochs=epochs, warmup_epochs=warmup_epochs, moco_m=moco_m, moco_m_cos=True,
                              before_update=before_update)
-            # torch's gradients stay on its parameters after the step; states are after it on both sides
-            res = tr.result(param_grads=(grads['paddle'], tr.param_grads()[1]))
+            res = tr.result(param_grads=grads['both'])  # states: after the step on both sides
             res.step = i
             if not res.passed:
                 break
