@@ -12,7 +12,7 @@ $(foreach kv,$(MACHINE_ENV),$(eval export $(kv)))
 # measured under (bench/bench.py).
 test parity demo parity-official: export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv test parity demo bench bench-avx2 clean
+.PHONY: venv test parity demo bench bench-avx2 bench-intel-mkl clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,11 @@ bench: $(STAMP)
 # code paths, measured on a wider CPU
 bench-avx2: $(STAMP)
 	$(VPY) -m bench.bench --isa avx2 --allocator both --wait-policy both --no-inference --out bench/results_avx2.json
+
+# the same items with both frameworks' MKL on the code paths it takes on an Intel CPU (bench/mkl_path.py): on an
+# AMD CPU torch's MKL otherwise runs its slow non-Intel path, which flatters Paddle; this is the Intel proxy
+bench-intel-mkl: $(STAMP)
+	$(VPY) -m bench.bench --mkl-path intel --allocator both --wait-policy both --no-inference --out bench/results_intel_mkl.json
 
 clean:
 	rm -rf $(VENV)

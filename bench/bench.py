@@ -62,6 +62,7 @@ import time
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 # the defaults Paddle reads at its import (threads; MKL's fast path on AMD); workers inherit them
 import paddle_impl  # noqa: F401,E402
+from bench import mkl_path  # noqa: E402
 
 MODELS = {
     # the official recipes (moco-v3 CONFIG.md); lr is scaled by batch / 256 as main_moco does
@@ -565,7 +566,8 @@ def machine_info(framework=None, device='cpu'):
                                                   'OMP_WAIT_POLICY', 'KMP_BLOCKTIME', 'MALLOC_MMAP_MAX_',
                                                   'MALLOC_TRIM_THRESHOLD_', 'MOCO_MALLOC_TUNE', 'MOCO_CPU_KERNELS',
                                                   'MOCO_CPU_ISA', 'MOCO_IMAGE_KERNELS', 'MOCO_ONEDNN_CONV',
-                                                  'ATEN_CPU_CAPABILITY', 'DNNL_MAX_CPU_ISA', 'ONEDNN_MAX_CPU_ISA')}
+                                                  'ATEN_CPU_CAPABILITY', 'DNNL_MAX_CPU_ISA', 'ONEDNN_MAX_CPU_ISA',
+                                                  'LD_PRELOAD')}
     info['python'] = platform.python_version()
     info['platform'] = platform.platform()
     versions = {}
@@ -670,14 +672,14 @@ def machine_facts():
 
 
 def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print, allocator='tuned', reps=None,
-        inference=True, isa=None, wait='passive'):
+        inference=True, isa=None, wait='passive', mkl='native'):
     skey = 'quick' if quick else device
     if reps:
         if reps < 1:
             raise RuntimeError(f'--reps must be at least 1, got {reps}')
         SIZES[skey] = dict(SIZES[skey], reps=reps, warmup=min(SIZES[skey]['warmup'], 1))
     size = SIZES[skey]
-    env = isa_env(dict(os.environ), isa)
+    env = mkl_path.env_for(isa_env(dict(os.environ), isa), mkl)
     if threads:
         env['OMP_NUM_THREADS'] = str(threads)
     base_env = env
@@ -694,6 +696,7 @@ def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print
     machine['cpu_facts'] = machine_facts()
     machine['settings'] = dict(size, size_name=skey, settle_s=SETTLE_S, crop_min=CROP_MIN, momentum=MOMENTUM)
     machine['isa_cap'] = isa or 'native'
+    machine['mkl_path'] = mkl or 'native'
     log(f'machine: {machine["cpu"]}, {machine["cores"]} cores, env {machine["env"]}')
     results['aug_throughput'] = measure_aug(size, log, env)
     for name in models:
@@ -718,8 +721,8 @@ def run(quick=False, device='cpu', models=tuple(MODELS), threads=None, log=print
             results[f'peak_memory_{name}_best'] = memory_at_best(results, name)
             log(f'{name}: each at its best setting: ratio {results[f"step_time_{name}_best"]["ratio"]:.3f} '
                 f'({results[f"step_time_{name}_best"]["setting"]})')
-    if inference and device == 'cpu' and isa not in (None, 'native'):
-        log(f'inference latency skipped: it runs in this process, which --isa {isa} does not cap')
+    if inference and device == 'cpu' and (isa not in (None, 'native') or mkl not in (None, 'native')):
+        log(f'inference latency skipped: it runs in this process, which --isa/--mkl-path do not reach')
     elif inference and device == 'cpu':  # latency per image of the exported backbone, five engines (bench/inference.py)
         from bench import inference as inf
         log('inference latency: eager Paddle, Paddle Inference (+/- oneDNN), onnxruntime, eager torch')
@@ -790,6 +793,10 @@ def main(argv=None):
     p.add_argument('--isa', default='native', choices=('native',) + tuple(ISA_CAPS),
                    help="'avx2': cap MKL, oneDNN, torch's ATen kernels and our kernels at AVX2/FMA in both "
                         "frameworks' workers (an AVX2 machine's code paths on a wider CPU)")
+    p.add_argument('--mkl-path', default='native', choices=mkl_path.PATHS,
+                   help="'intel': both frameworks' MKL take the code paths they take on an Intel CPU (a shim "
+                        "preloaded into the workers answers MKL's vendor check; bench/mkl_path.py): on an AMD "
+                        "CPU, the ratios an Intel CPU of the same instruction set would show for MKL's share")
     p.add_argument('--worker', choices=FRAMEWORKS, help=argparse.SUPPRESS)
     p.add_argument('--worker-role', default='model', choices=('model', 'aug'), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -802,7 +809,7 @@ def main(argv=None):
             p.error(f"unknown model '{m}'; known: {', '.join(MODELS)}")
     try:
         results = run(args.quick, args.device, models, args.threads, allocator=args.allocator, reps=args.reps,
-                      inference=not args.no_inference, isa=args.isa, wait=args.wait_policy)
+                      inference=not args.no_inference, isa=args.isa, wait=args.wait_policy, mkl=args.mkl_path)
     except RuntimeError as e:
         print(f'bench failed: {e}', file=sys.stderr)
         return 1

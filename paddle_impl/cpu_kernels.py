@@ -16,6 +16,10 @@ switches at run time (tests run every variant).
 float32 convolutions can also run as oneDNN direct convolutions (the library in Paddle's wheel, opened at
 run time; see ``onednn`` below and csrc/cpu_kernels.cc); ``MOCO_ONEDNN_CONV=0`` keeps them on im2col + GEMM.
 
+The ViT's attention runs fused where it can (``attention``): each head's products by the MKL in Paddle's wheel
+(cblas, opened at run time like oneDNN), read from and written to the linear layers' own layouts (no
+transposes), nothing of size N x N kept for the backward; ``MOCO_CPU_ATTENTION=0`` keeps the unfused path.
+
 ``MOCO_CPU_KERNELS=0`` turns them off; where the build fails (no compiler, say), one warning line is
 printed and Paddle's own ops are used, with the same results up to rounding. Float64 parity runs through
 these kernels whenever they are on.
@@ -28,7 +32,8 @@ import warnings
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_kernels.cc')
 _SOURCES = (_SRC, os.path.join(os.path.dirname(_SRC), 'kernels_impl.h'))
-_state = {'module': None, 'tried': False, 'error': None, 'isa': None, 'supported': None, 'onednn': None}
+_state = {'module': None, 'tried': False, 'error': None, 'isa': None, 'supported': None, 'onednn': None,
+          'blas': None}
 
 
 def enabled_by_env():
@@ -262,4 +267,37 @@ def _load_onednn():
     if not ok:
         print(f'moco-v3 paddle: oneDNN not usable from {path} ({version}); float32 convolutions use im2col + '
               f'GEMM (same results up to rounding; MOCO_ONEDNN_CONV=0 hides this)', file=sys.stderr)
+    return ok
+
+
+def blas_library():
+    """The BLAS for the fused attention: the MKL in Paddle's wheel (``MOCO_BLAS_LIB`` overrides the path)."""
+    import paddle
+    return os.environ.get('MOCO_BLAS_LIB') or os.path.join(os.path.dirname(paddle.__file__), 'libs',
+                                                           'libmklml_intel.so')
+
+
+def attention_enabled_by_env():
+    return os.environ.get('MOCO_CPU_ATTENTION', '1').strip().lower() not in ('0', 'false', 'no', 'off')
+
+
+def attention(*tensors):
+    """True where the fused attention (layers.fused_attention) runs: our kernels usable for ``tensors``,
+    ``MOCO_CPU_ATTENTION`` not 0, and cblas_sgemm/cblas_dgemm opened from ``blas_library()`` (tried once; else
+    one warning line and the unfused attention)."""
+    if not attention_enabled_by_env() or not usable(*tensors):
+        return False
+    if _state['blas'] is None:
+        _state['blas'] = _load_blas()
+    return _state['blas']
+
+
+def _load_blas():
+    import paddle
+    path = blas_library()
+    ok = os.path.isfile(path) and bool(int(get().moco_blas_init(paddle.zeros([1]), path).numpy()[0]))
+    if not ok:
+        why = 'no such file' if not os.path.isfile(path) else 'not a library with cblas_sgemm and cblas_dgemm'
+        print(f'moco-v3 paddle: BLAS not usable from {path} ({why}); the ViT attention runs unfused (same '
+              f'results up to rounding; MOCO_CPU_ATTENTION=0 hides this)', file=sys.stderr)
     return ok

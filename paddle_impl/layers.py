@@ -585,6 +585,32 @@ def attention_k(q, k, v, scale):
     return paddle.matmul(_attention_probs(q, k, scale), v)
 
 
+class _FusedAttention(PyLayer):
+    @staticmethod
+    def forward(ctx, qkv, heads, scale):
+        qkv = cpu_kernels.contiguous(qkv)
+        ctx.save_for_backward(qkv)
+        ctx.heads, ctx.scale = heads, scale
+        return cpu_kernels.get().moco_attention(qkv, heads, scale)
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, = ctx.saved_tensor()
+        return cpu_kernels.get().moco_attention_grad(qkv, cpu_kernels.contiguous(dout), ctx.heads, ctx.scale)
+
+
+def fused_attention(qkv, heads, scale):
+    """Multi-head attention from the qkv projection's output: qkv [B, N, 3 C] (q of every head, then k, then v)
+    -> [B, N, C], each head's softmax(scale q k^T) v in its columns; the same computation as reshape ->
+    transpose -> unbind -> attention_k -> transpose -> reshape, without the transposes (our kernel reads and
+    writes the linear layers' layouts) and with nothing of size N x N kept for the backward (recomputed there).
+    Callers check cpu_kernels.attention(qkv)."""
+    heads, scale = int(heads), float(scale)
+    if _needs_grad(qkv):
+        return _FusedAttention.apply(qkv, heads, scale)
+    return cpu_kernels.get().moco_attention(cpu_kernels.contiguous(qkv), heads, scale)
+
+
 class _GeluK(PyLayer):
     @staticmethod
     def forward(ctx, x):

@@ -13,8 +13,8 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from . import cpu_kernels
-from .layers import (GELU, BatchNorm2D, FastLinear, LayerNorm, attention_k, gelu_linear, torch_default_init_,
-                     transpose, unobserved, use_fast_conv)
+from .layers import (GELU, BatchNorm2D, FastLinear, LayerNorm, attention_k, fused_attention, gelu_linear,
+                     torch_default_init_, transpose, unobserved, use_fast_conv)
 
 __all__ = ['vit_small', 'vit_base', 'vit_conv_small', 'vit_conv_base', 'vit_large', 'vit_huge',
            'VisionTransformerMoCo', 'ConvStem', 'PatchEmbed', 'build_2d_sincos_position_embedding',
@@ -123,8 +123,11 @@ class Attention(nn.Layer):
 
     def forward(self, x):
         B, N, C = x.shape
+        y = self.qkv(x)
+        if cpu_kernels.attention(y):  # our fused kernel: no transposes, no attention matrix kept
+            return self.proj(fused_attention(y, self.num_heads, self.scale))
         # layers.transpose: contiguous on CPU; unbind (not indexing) so the backward is one concat
-        qkv = transpose(self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim]), [2, 0, 3, 1, 4])
+        qkv = transpose(y.reshape([B, N, 3, self.num_heads, self.head_dim]), [2, 0, 3, 1, 4])
         q, k, v = paddle.unbind(qkv, axis=0)
         if cpu_kernels.usable(q):  # our softmax kernel; the attention matrix is not kept for the backward
             x = attention_k(q, k, v, self.scale)

@@ -160,3 +160,35 @@ def test_run_measures_each_setting_and_picks_each_frameworks_best(monkeypatch):
     seen.clear()
     res = bench.run(quick=True, models=('m',), allocator='tuned', inference=False, log=lambda *a: None)
     assert seen == [('tuned', 'PASSIVE')] and 'step_time_m_best' not in res
+
+
+def test_mkl_intel_path_environment(tmp_path):
+    """--mkl-path intel: a shim answering MKL's vendor check is compiled and put first in both workers'
+    LD_PRELOAD (the user's preloads kept after it); it answers 1; workers run under it; 'native' changes
+    nothing and an unknown path is one error."""
+    import ctypes
+
+    from bench import mkl_path
+    env = {'PATH': os.environ.get('PATH', '/bin'), 'LD_PRELOAD': 'libuser.so'}
+    assert mkl_path.env_for(env, 'native') is env
+    with pytest.raises(RuntimeError, match='--mkl-path amd'):
+        mkl_path.env_for(env, 'amd')
+    out = mkl_path.env_for(env, 'intel', str(tmp_path))
+    shim = out['LD_PRELOAD'].split()[0]
+    assert out['LD_PRELOAD'] == shim + ' libuser.so' and env['LD_PRELOAD'] == 'libuser.so'
+    assert os.path.dirname(shim) == str(tmp_path) and mkl_path.build(str(tmp_path)) == shim  # built once
+    assert getattr(ctypes.CDLL(shim), mkl_path.SYMBOL)() == 1
+    infos = {}
+    res = bench.measure_gemm(QUICK, 'cpu', lambda *a: None, infos, mkl_path.env_for(dict(os.environ), 'intel',
+                                                                                     str(tmp_path)))
+    assert res['paddle'] > 0 and res['torch'] > 0
+    for fw in bench.FRAMEWORKS:
+        assert infos[fw]['env']['LD_PRELOAD'].split()[0] == shim
+
+
+def test_mkl_path_without_a_compiler_is_one_error(tmp_path, monkeypatch):
+    from bench import mkl_path
+    monkeypatch.setenv('CC', str(tmp_path / 'no-such-cc'))
+    with pytest.raises(RuntimeError, match='--mkl-path intel needs a C compiler'):
+        mkl_path.build(str(tmp_path))
+    assert os.listdir(tmp_path) == []  # nothing left behind

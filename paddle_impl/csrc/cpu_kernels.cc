@@ -61,6 +61,48 @@ struct ConvGeom {
   }
 };
 
+// BLAS for the fused attention (kernels_impl.h): cblas_sgemm / cblas_dgemm of the MKL in Paddle's wheel (the
+// library Paddle's own matmul runs on), opened at run time (dlopen, path from Python) like oneDNN below; where
+// that fails, Python keeps the unfused attention. The CBLAS enums are passed as int (their C ABI). Called from
+// inside our OpenMP loops, MKL runs each product on the calling thread.
+namespace blas {
+enum : int { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };  // CBLAS_LAYOUT, CBLAS_TRANSPOSE
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
+                         int);
+typedef void (*dgemm_fn)(int, int, int, int, int, int, double, const double*, int, const double*, int, double,
+                         double*, int);
+struct State {
+  sgemm_fn sgemm = nullptr;
+  dgemm_fn dgemm = nullptr;
+  bool ok = false;
+  std::mutex mu;
+};
+State g_blas;
+
+bool load(const std::string& path) {
+  std::lock_guard<std::mutex> lock(g_blas.mu);
+  if (g_blas.ok) return true;
+  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (lib == nullptr) return false;
+  g_blas.sgemm = reinterpret_cast<sgemm_fn>(dlsym(lib, "cblas_sgemm"));
+  g_blas.dgemm = reinterpret_cast<dgemm_fn>(dlsym(lib, "cblas_dgemm"));
+  g_blas.ok = g_blas.sgemm != nullptr && g_blas.dgemm != nullptr;
+  return g_blas.ok;
+}
+
+// row-major C[M, N] = op(A) op(B), op(A) [M, K] (A^T where ta), op(B) [K, N] (B^T where tb)
+inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                 int64_t ldb, float* C, int64_t ldc) {
+  g_blas.sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, int(M), int(N), int(K), 1.f, A, int(lda),
+               B, int(ldb), 0.f, C, int(ldc));
+}
+inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
+                 int64_t ldb, double* C, int64_t ldc) {
+  g_blas.dgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, int(M), int(N), int(K), 1., A, int(lda),
+               B, int(ldb), 0., C, int(ldc));
+}
+}  // namespace blas
+
 namespace isa_generic {
 #include "kernels_impl.h"
 }  // namespace isa_generic
@@ -157,6 +199,57 @@ std::vector<paddle::Tensor> SoftmaxBackward(const paddle::Tensor& y, const paddl
                           static_cast<data_t>(scale));
   }));
   return {dx};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// multi-head attention from the qkv projection's output: qkv [B, N, 3 * C] (q of every head, then k, then v;
+// C = heads * D) -> out [B, N, C] = softmax(scale q k^T) v of each head in its D columns (kernels_impl.h)
+
+struct AttnShape {
+  int64_t B, N, H, D;
+};
+
+AttnShape attention_shape(const paddle::Tensor& qkv, int64_t heads, const char* what) {
+  check_cpu(qkv, what);
+  PD_CHECK(blas::g_blas.ok, what, ": BLAS is not loaded (moco_blas_init)");
+  const auto s = qkv.shape();
+  PD_CHECK(s.size() == 3 && heads > 0 && s[2] % (3 * heads) == 0, what,
+           ": expected qkv [B, N, 3 * heads * head_dim]");
+  PD_CHECK(s[1] < (int64_t(1) << 30) && s[2] < (int64_t(1) << 30), what, ": too large for BLAS's int sizes");
+  return {s[0], s[1], heads, s[2] / (3 * heads)};
+}
+
+std::vector<paddle::Tensor> AttentionForward(const paddle::Tensor& qkv, int64_t heads, double scale) {
+  const AttnShape a = attention_shape(qkv, heads, "moco_attention");
+  PD_CHECK(scale > 0, "moco_attention: scale must be positive");
+  auto out = paddle::empty({a.B, a.N, a.H * a.D}, qkv.dtype(), qkv.place());
+  PD_DISPATCH_FLOATING_TYPES(qkv.type(), "moco_attention", ([&] {
+    MOCO_ISA_CALL(attention_fwd_k<data_t>, qkv.data<data_t>(), out.data<data_t>(), a.B, a.N, a.H, a.D,
+                  static_cast<data_t>(scale));
+  }));
+  return {out};
+}
+
+// d(qkv) from qkv and d(out); the attention matrix is recomputed (nothing was kept from the forward)
+std::vector<paddle::Tensor> AttentionBackward(const paddle::Tensor& qkv, const paddle::Tensor& dout, int64_t heads,
+                                              double scale) {
+  const AttnShape a = attention_shape(qkv, heads, "moco_attention_grad");
+  check_cpu(dout, "moco_attention_grad");
+  PD_CHECK(dout.shape() == std::vector<int64_t>({a.B, a.N, a.H * a.D}) && dout.dtype() == qkv.dtype(),
+           "moco_attention_grad: dout must be [B, N, C] in qkv's dtype");
+  auto dqkv = paddle::empty(qkv.shape(), qkv.dtype(), qkv.place());
+  PD_DISPATCH_FLOATING_TYPES(qkv.type(), "moco_attention_grad", ([&] {
+    MOCO_ISA_CALL(attention_bwd_k<data_t>, qkv.data<data_t>(), dout.data<data_t>(), dqkv.data<data_t>(), a.B, a.N,
+                  a.H, a.D, static_cast<data_t>(scale));
+  }));
+  return {dqkv};
+}
+
+// [ok] of the BLAS library at `path` (opened once per process)
+std::vector<paddle::Tensor> BlasInit(const paddle::Tensor& x, const std::string& path) {
+  auto out = paddle::empty({1}, paddle::DataType::INT64, x.place());
+  out.data<int64_t>()[0] = blas::load(path);
+  return {out};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -746,6 +839,24 @@ PD_BUILD_OP(moco_lars_)
     .Attrs({"lr: double", "wd: double", "momentum: double", "tc: double", "adapt: bool"})
     .SetInplaceMap({{"P", "POut"}, {"Mu", "MuOut"}})
     .SetKernelFn(PD_KERNEL(LarsInplace));
+
+PD_BUILD_OP(moco_blas_init)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .Attrs({"path: std::string"})
+    .SetKernelFn(PD_KERNEL(BlasInit));
+
+PD_BUILD_OP(moco_attention)
+    .Inputs({"QKV"})
+    .Outputs({"Out"})
+    .Attrs({"heads: int64_t", "scale: double"})
+    .SetKernelFn(PD_KERNEL(AttentionForward));
+
+PD_BUILD_OP(moco_attention_grad)
+    .Inputs({"QKV", "DOut"})
+    .Outputs({"DQKV"})
+    .Attrs({"heads: int64_t", "scale: double"})
+    .SetKernelFn(PD_KERNEL(AttentionBackward));
 
 PD_BUILD_OP(moco_dnnl_init)
     .Inputs({"X"})

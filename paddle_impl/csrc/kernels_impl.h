@@ -45,40 +45,100 @@ template <> inline double erf_t<double>(double x) { return std::erf(x); }
 constexpr double kSqrt1_2 = 0.70710678118654752440;
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;
 
+// one row of softmax(scale * x); y may be x
+template <typename T>
+inline void softmax_row(const T* xr, T* yr, int64_t C, T scale) {
+  T m = xr[0];
+#pragma omp simd reduction(max : m)
+  for (int64_t c = 0; c < C; ++c) m = xr[c] > m ? xr[c] : m;
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t c = 0; c < C; ++c) {
+    const T e = exp_t<T>(scale * (xr[c] - m));  // scale > 0, so max(scale * x) = scale * max(x)
+    yr[c] = e;
+    s += e;
+  }
+  const T inv = T(1) / s;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) yr[c] *= inv;
+}
+
+// one row of the gradient of softmax(scale * x) with respect to x, from its output y; dr may be gr
+template <typename T>
+inline void softmax_grad_row(const T* yr, const T* gr, T* dr, int64_t C, T scale) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t c = 0; c < C; ++c) s += gr[c] * yr[c];
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) dr[c] = scale * yr[c] * (gr[c] - s);
+}
+
 template <typename T>
 void softmax_fwd_k(const T* x, T* y, int64_t rows, int64_t C, T scale) {
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * C;
-    T* yr = y + r * C;
-    T m = xr[0];
-#pragma omp simd reduction(max : m)
-    for (int64_t c = 0; c < C; ++c) m = xr[c] > m ? xr[c] : m;
-    T s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t c = 0; c < C; ++c) {
-      const T e = exp_t<T>(scale * (xr[c] - m));  // scale > 0, so max(scale * x) = scale * max(x)
-      yr[c] = e;
-      s += e;
-    }
-    const T inv = T(1) / s;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) yr[c] *= inv;
-  }
+  for (int64_t r = 0; r < rows; ++r) softmax_row(x + r * C, y + r * C, C, scale);
 }
 
 template <typename T>
 void softmax_bwd_k(const T* y, const T* dy, T* dx, int64_t rows, int64_t C, T scale) {
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* yr = y + r * C;
-    const T* gr = dy + r * C;
-    T* dr = dx + r * C;
-    T s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t c = 0; c < C; ++c) s += gr[c] * yr[c];
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) dr[c] = scale * yr[c] * (gr[c] - s);
+  for (int64_t r = 0; r < rows; ++r) softmax_grad_row(y + r * C, dy + r * C, dx + r * C, C, scale);
+}
+
+// Multi-head attention read straight from the qkv projection's output and written straight into the layout the
+// output projection reads, so neither side is transposed: qkv [B, N, 3C] (row n of image b: q of every head,
+// then k, then v; C = H * D), out [B, N, C]. Each (image, head) is done by one thread: S = Q K^T (BLAS, the
+// head's D columns read in place with row stride 3C), P = softmax(scale S) row by row, O = P V written into the
+// head's D columns of out. The N x N matrices live in per-thread scratch only; the backward recomputes P.
+// P = softmax(scale Q K^T) of one (image, head): Q, K [N, D] with row stride ld, P [N, N]
+template <typename T>
+inline void attention_probs(const T* q, const T* k, T* P, int64_t N, int64_t D, int64_t ld, T scale) {
+  blas::gemm(false, true, N, N, D, q, ld, k, ld, P, N);
+  for (int64_t r = 0; r < N; ++r) softmax_row(P + r * N, P + r * N, N, scale);
+}
+
+template <typename T>
+void attention_fwd_k(const T* qkv, T* out, int64_t B, int64_t N, int64_t H, int64_t D, T scale) {
+  const int64_t C = H * D, ld = 3 * C;
+#pragma omp parallel
+  {
+    std::vector<T> P(N * N);
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const T* q = qkv + b * N * ld + h * D;  // k at q + C, v at q + 2 C
+      attention_probs(q, q + C, P.data(), N, D, ld, scale);
+      blas::gemm(false, false, N, D, N, P.data(), N, q + 2 * C, ld, out + b * N * C + h * D, C);
+    }
+  }
+}
+
+// the backward autograd builds for matmul -> softmax -> matmul, per (image, head): P recomputed as in the
+// forward, dV = P^T dO, dP = dO V^T, dS = softmax'(dP) (scale included), dQ = dS K, dK = dS^T Q, each written
+// into its head's columns of dqkv (every element of dqkv is written once).
+template <typename T>
+void attention_bwd_k(const T* qkv, const T* dout, T* dqkv, int64_t B, int64_t N, int64_t H, int64_t D, T scale) {
+  const int64_t C = H * D, ld = 3 * C;
+#pragma omp parallel
+  {
+    std::vector<T> P(N * N), G(N * N);
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const T* q = qkv + b * N * ld + h * D;
+      const T* k = q + C;
+      const T* v = q + 2 * C;
+      const T* go = dout + b * N * C + h * D;
+      T* dq = dqkv + b * N * ld + h * D;
+      T* dk = dq + C;
+      T* dv = dq + 2 * C;
+      attention_probs(q, k, P.data(), N, D, ld, scale);
+      blas::gemm(true, false, N, D, N, P.data(), N, go, C, dv, ld);
+      blas::gemm(false, true, N, N, D, go, C, v, ld, G.data(), N);
+      for (int64_t r = 0; r < N; ++r) softmax_grad_row(P.data() + r * N, G.data() + r * N, G.data() + r * N, N, scale);
+      blas::gemm(false, false, N, D, N, G.data(), N, k, ld, dq, ld);
+      blas::gemm(true, false, N, D, N, G.data(), N, q, ld, dk, ld);
+    }
   }
 }
 
