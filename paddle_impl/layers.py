@@ -604,7 +604,10 @@ def fused_attention(qkv, heads, scale):
     -> [B, N, C], each head's softmax(scale q k^T) v in its columns; the same computation as reshape ->
     transpose -> unbind -> attention_k -> transpose -> reshape, without the transposes (our kernel reads and
     writes the linear layers' layouts) and with nothing of size N x N kept for the backward (recomputed there).
-    Callers check cpu_kernels.attention(qkv)."""
+    Callers check cpu_kernels.attention(qkv) (which also opens the BLAS) and keep the unfused path otherwise."""
+    if not cpu_kernels.attention(qkv):
+        raise RuntimeError('fused_attention: not usable here (our CPU kernels, MOCO_CPU_ATTENTION or the BLAS '
+                           'library; see cpu_kernels.attention); use the unfused attention')
     heads, scale = int(heads), float(scale)
     if _needs_grad(qkv):
         return _FusedAttention.apply(qkv, heads, scale)

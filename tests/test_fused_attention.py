@@ -83,6 +83,12 @@ def test_bad_shapes_are_refused(bad):
         bad[1](cpu_kernels.get())
 
 
+def test_called_where_it_cannot_run_it_says_so(monkeypatch):
+    monkeypatch.setenv('MOCO_CPU_ATTENTION', '0')
+    with pytest.raises(RuntimeError, match='fused_attention: not usable here'):
+        layers.fused_attention(paddle.zeros([1, 5, 12]), 2, 0.5)
+
+
 def test_vit_attention_takes_the_fused_kernel_and_equals_the_unfused_path(monkeypatch):
     """paddle_impl's ViT Attention layer (float64, training): the fused path is taken, and its output and
     every gradient equal those of the unfused path (MOCO_CPU_ATTENTION=0) to rounding."""
