@@ -64,20 +64,35 @@ struct ConvGeom {
 // BLAS for the fused attention (kernels_impl.h): cblas_sgemm / cblas_dgemm of the MKL in Paddle's wheel (the
 // library Paddle's own matmul runs on), opened at run time (dlopen, path from Python) like oneDNN below; where
 // that fails, Python keeps the unfused attention. The CBLAS enums are passed as int (their C ABI). Called from
-// inside our OpenMP loops, MKL runs each product on the calling thread.
+// inside our OpenMP loops, MKL runs each product on the calling thread: MKL does so by itself inside a parallel
+// region (MKL_DYNAMIC, its default), and OneThread below also says so through MKL's per-thread setting where
+// the library has it, so that a user's MKL_DYNAMIC=false cannot nest MKL's threads inside ours.
 namespace blas {
 enum : int { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };  // CBLAS_LAYOUT, CBLAS_TRANSPOSE
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
                          int);
 typedef void (*dgemm_fn)(int, int, int, int, int, int, double, const double*, int, const double*, int, double,
                          double*, int);
+typedef int (*set_threads_local_fn)(int);  // MKL_Set_Num_Threads_Local: returns the previous setting
 struct State {
   sgemm_fn sgemm = nullptr;
   dgemm_fn dgemm = nullptr;
+  set_threads_local_fn set_threads_local = nullptr;  // optional
   bool ok = false;
   std::mutex mu;
 };
 State g_blas;
+
+// MKL runs the products of the calling thread on that thread while this lives (restored after)
+struct OneThread {
+  int prev = 0;
+  OneThread() {
+    if (g_blas.set_threads_local != nullptr) prev = g_blas.set_threads_local(1);
+  }
+  ~OneThread() {
+    if (g_blas.set_threads_local != nullptr) g_blas.set_threads_local(prev);
+  }
+};
 
 bool load(const std::string& path) {
   std::lock_guard<std::mutex> lock(g_blas.mu);
@@ -86,6 +101,7 @@ bool load(const std::string& path) {
   if (lib == nullptr) return false;
   g_blas.sgemm = reinterpret_cast<sgemm_fn>(dlsym(lib, "cblas_sgemm"));
   g_blas.dgemm = reinterpret_cast<dgemm_fn>(dlsym(lib, "cblas_dgemm"));
+  g_blas.set_threads_local = reinterpret_cast<set_threads_local_fn>(dlsym(lib, "MKL_Set_Num_Threads_Local"));
   g_blas.ok = g_blas.sgemm != nullptr && g_blas.dgemm != nullptr;
   return g_blas.ok;
 }

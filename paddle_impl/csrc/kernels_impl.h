@@ -102,6 +102,7 @@ void attention_fwd_k(const T* qkv, T* out, int64_t B, int64_t N, int64_t H, int6
   const int64_t C = H * D, ld = 3 * C;
 #pragma omp parallel
   {
+    blas::OneThread one;
     std::vector<T> P(N * N);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
@@ -121,6 +122,7 @@ void attention_bwd_k(const T* qkv, const T* dout, T* dqkv, int64_t B, int64_t N,
   const int64_t C = H * D, ld = 3 * C;
 #pragma omp parallel
   {
+    blas::OneThread one;
     std::vector<T> P(N * N), G(N * N);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
