@@ -12,24 +12,21 @@ not vendor, and are unchanged).
 
 Measured on the 2-core AMD EPYC VM (AVX-512), 2048² fp32 GEMM, 2 threads: torch 213 -> 514 GFLOP/s with the
 shim; Paddle (MKL_DEBUG_CPU_TYPE=7) 381 without it and 366-375 with it, 369-383 under the shim with the
-variable unset (what paddle_impl decides on an Intel CPU): Paddle's MKL already ran its AVX-512 path. On an Intel CPU the shim changes nothing: MKL's
-answer there is already yes.
+variable unset (what paddle_impl decides on an Intel CPU): Paddle's MKL already ran its AVX-512 path. On an
+Intel CPU the shim changes nothing: MKL's answer there is already yes.
 
 Bench-only: nothing in paddle_impl preloads it, and it affects only the worker processes it is given to.
 """
 import hashlib
 import os
-import shlex
 import subprocess
 import tempfile
+
+from paddle_impl.image_ops import compiler  # $CC (may carry options), else cc
 
 SYMBOL = 'mkl_serv_intel_cpu_true'
 SOURCE = f'/* bench/mkl_path.py: MKL is told it runs on an Intel CPU */\nint {SYMBOL}(void) {{ return 1; }}\n'
 PATHS = ('native', 'intel')
-
-
-def _cc():
-    return shlex.split(os.environ.get('CC', '').strip() or 'cc')
 
 
 def build(folder=None):
@@ -44,12 +41,12 @@ def build(folder=None):
         with open(src, 'w') as f:
             f.write(SOURCE)
         try:
-            r = subprocess.run(_cc() + ['-shared', '-fPIC', '-O2', '-o', tmp, src], capture_output=True, text=True)
+            r = subprocess.run(compiler() + ['-shared', '-fPIC', '-O2', '-o', tmp, src], capture_output=True, text=True)
         except OSError as e:
-            raise RuntimeError(f'--mkl-path intel needs a C compiler ({" ".join(_cc())}: {e}); install gcc or '
+            raise RuntimeError(f'--mkl-path intel needs a C compiler ({" ".join(compiler())}: {e}); install gcc or '
                                f'run without --mkl-path') from None
         if r.returncode != 0:
-            raise RuntimeError(f'--mkl-path intel: compiling the shim failed ({" ".join(_cc())}): '
+            raise RuntimeError(f'--mkl-path intel: compiling the shim failed ({" ".join(compiler())}): '
                                f'{(r.stderr or r.stdout).strip()[-500:]}')
         os.replace(tmp, out)
     finally:

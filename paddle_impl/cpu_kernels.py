@@ -36,8 +36,16 @@ _state = {'module': None, 'tried': False, 'error': None, 'isa': None, 'supported
           'blas': None}
 
 
+OFF_VALUES = ('0', 'false', 'no', 'off')  # what turns a MOCO_* switch variable off (any case, spaces ignored)
+
+
+def switched_on(value):
+    """The value of a switch variable (MOCO_CPU_KERNELS, MOCO_CPU_ATTENTION, ...) read as on/off."""
+    return value.strip().lower() not in OFF_VALUES
+
+
 def enabled_by_env():
-    return os.environ.get('MOCO_CPU_KERNELS', '1').strip().lower() not in ('0', 'false', 'no', 'off')
+    return switched_on(os.environ.get('MOCO_CPU_KERNELS', '1'))
 
 
 # the variants compiled into the library (csrc/cpu_kernels.cc), narrowest first; the index is the level
@@ -220,17 +228,22 @@ def contiguous(t):
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _wheel_library(variable, filename):
+    """``$variable`` where set, else the library ``filename`` in Paddle's wheel (paddle/libs)."""
+    import paddle
+    return os.environ.get(variable) or os.path.join(os.path.dirname(paddle.__file__), 'libs', filename)
+
+
 def onednn_library():
     """The oneDNN library in Paddle's wheel (``MOCO_ONEDNN_LIB`` overrides the path)."""
-    import paddle
-    return os.environ.get('MOCO_ONEDNN_LIB') or os.path.join(os.path.dirname(paddle.__file__), 'libs', 'libdnnl.so.3')
+    return _wheel_library('MOCO_ONEDNN_LIB', 'libdnnl.so.3')
 
 
 def onednn_setting():
     """``MOCO_ONEDNN_CONV``: '0' never, '1' every float32 convolution our kernels take, unset/'auto' the
     shapes where it measured faster (layers.onednn_conv_wins)."""
     v = os.environ.get('MOCO_ONEDNN_CONV', 'auto').strip().lower()
-    if v in ('0', 'false', 'no', 'off'):
+    if v in OFF_VALUES:
         return '0'
     if v in ('1', 'true', 'yes', 'on'):
         return '1'
@@ -272,13 +285,11 @@ def _load_onednn():
 
 def blas_library():
     """The BLAS for the fused attention: the MKL in Paddle's wheel (``MOCO_BLAS_LIB`` overrides the path)."""
-    import paddle
-    return os.environ.get('MOCO_BLAS_LIB') or os.path.join(os.path.dirname(paddle.__file__), 'libs',
-                                                           'libmklml_intel.so')
+    return _wheel_library('MOCO_BLAS_LIB', 'libmklml_intel.so')
 
 
 def attention_enabled_by_env():
-    return os.environ.get('MOCO_CPU_ATTENTION', '1').strip().lower() not in ('0', 'false', 'no', 'off')
+    return switched_on(os.environ.get('MOCO_CPU_ATTENTION', '1'))
 
 
 def attention(*tensors):
@@ -295,9 +306,10 @@ def attention(*tensors):
 def _load_blas():
     import paddle
     path = blas_library()
-    ok = os.path.isfile(path) and bool(int(get().moco_blas_init(paddle.zeros([1]), path).numpy()[0]))
+    exists = os.path.isfile(path)
+    ok = exists and bool(int(get().moco_blas_init(paddle.zeros([1]), path).numpy()[0]))
     if not ok:
-        why = 'no such file' if not os.path.isfile(path) else 'not a library with cblas_sgemm and cblas_dgemm'
+        why = 'not a library with cblas_sgemm and cblas_dgemm' if exists else 'no such file'
         print(f'moco-v3 paddle: BLAS not usable from {path} ({why}); the ViT attention runs unfused (same '
               f'results up to rounding; MOCO_CPU_ATTENTION=0 hides this)', file=sys.stderr)
     return ok

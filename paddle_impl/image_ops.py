@@ -35,14 +35,11 @@ import tempfile
 # the variant names and order, and the cache folder, of our Paddle kernels (cpu_kernels imports Paddle only
 # inside functions)
 from .cpu_kernels import ISAS, cache_root, isas_up_to
+from .cpu_kernels import switched_on as _on
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'image_ops.c')
 FLAGS = ('-O3', '-shared', '-fPIC', '-ffp-contract=off', '-fno-math-errno', '-fno-trapping-math')
 _state = {'lib': None, 'tried': False, 'error': None, 'isa': None, 'supported': None}
-
-
-def _on(value):
-    return value.strip().lower() not in ('0', 'false', 'no', 'off')
 
 
 def enabled_by_env(env=None):

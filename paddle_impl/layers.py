@@ -331,7 +331,7 @@ def fast_layers_enabled():
     off, every layer runs Paddle's own ops, as on a GPU (with MOCO_CPU_KERNELS=0 also: `python -m parity
     --paddle-ops`)."""
     if _FAST_LAYERS['on'] is None:
-        _FAST_LAYERS['on'] = os.environ.get('MOCO_FAST_LAYERS', '1').strip().lower() not in ('0', 'false', 'no', 'off')
+        _FAST_LAYERS['on'] = cpu_kernels.switched_on(os.environ.get('MOCO_FAST_LAYERS', '1'))
     return _FAST_LAYERS['on']
 
 
