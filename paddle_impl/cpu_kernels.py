@@ -55,7 +55,7 @@ ISAS = ('generic', 'avx2', 'avx512')
 def compile_flags():
     """-O3 with OpenMP, for baseline x86-64: the wider variants are compiled by target pragmas inside the file
     and chosen at run time, so the library runs on any x86-64 CPU (a cache folder shared by machines is safe)."""
-    return ['-O3', '-fopenmp', '-fno-trapping-math']
+    return ['-O3', '-fopenmp', '-fno-trapping-math', '-fno-math-errno']
 
 
 def openmp_link_flags():

@@ -115,7 +115,17 @@ class AdamW(paddle.optimizer.AdamW):
     def _append_optimize_op(self, block, param_and_grad):
         p = param_and_grad[0]
         wd = self._decoupled_weight_decay
-        if wd != 0.0 and (self._apply_decay_param_fun is None or self._apply_decay_param_fun(p.name)):
+        decays = wd != 0.0 and (self._apply_decay_param_fun is None or self._apply_decay_param_fun(p.name))
+        state = self._fused_state(param_and_grad)
+        if state is not None:
+            # the decay and the Adam update in one multi-threaded pass, torch's formula (csrc/kernels_impl.h
+            # adamw_k) on Paddle's accumulators, which it advances as Paddle's kernel does
+            lr = float(self._create_param_lr(param_and_grad))
+            cpu_kernels.run_inplace(cpu_kernels.get().moco_adamw_, p, param_and_grad[1], *state, lr,
+                                    float(self._beta1), float(self._beta2), float(self._epsilon),
+                                    wd if decays else 0.0)
+            return None
+        if decays:
             if not paddle.in_dynamic_mode():
                 raise NotImplementedError('AdamW with weight decay runs in dynamic (eager) mode only')
             lr = self._create_param_lr(param_and_grad)
@@ -124,6 +134,20 @@ class AdamW(paddle.optimizer.AdamW):
             # torch: p.mul_(1 - lr * weight_decay), before the Adam update
             target.multiply_(1.0 - lr.astype(target.dtype) * wd)
         return super()._append_optimize_op(block, param_and_grad)
+
+    def _fused_state(self, param_and_grad):
+        """[moment1, moment2, beta1_pow, beta2_pow] where our one-pass kernel applies (eager, CPU float32/64,
+        contiguous, the same dtype throughout; no lazy mode, amsgrad, lr_ratio or master weights), else None."""
+        p, g = param_and_grad
+        if (not paddle.in_dynamic_mode() or self._lazy_mode or self._amsgrad or self._lr_ratio is not None
+                or not isinstance(self._beta1, (int, float)) or not isinstance(self._beta2, (int, float))
+                or not cpu_kernels.usable(p, g)):
+            return None
+        state = [self._get_accumulator_master(name, p) for name in (
+            self._moment1_acc_str, self._moment2_acc_str, self._beta1_pow_acc_str, self._beta2_pow_acc_str)]
+        if not all(t.place.is_cpu_place() and t.dtype == p.dtype and t.is_contiguous() for t in state + [g, p]):
+            return None
+        return state
 
 
 def build_optimizer(name, parameters, lr, weight_decay, momentum=0.9):

@@ -14,7 +14,7 @@ import paddle.nn.functional as F
 
 from . import cpu_kernels
 from .layers import (GELU, BatchNorm2D, FastLinear, LayerNorm, attention_k, fused_attention, gelu_linear,
-                     torch_default_init_, transpose, unobserved, use_fast_conv)
+                     patch_conv_applies, patch_embed_k, torch_default_init_, transpose, unobserved, use_fast_conv)
 
 __all__ = ['vit_small', 'vit_base', 'vit_conv_small', 'vit_conv_base', 'vit_large', 'vit_huge',
            'VisionTransformerMoCo', 'ConvStem', 'PatchEmbed', 'build_2d_sincos_position_embedding',
@@ -73,6 +73,8 @@ class PatchEmbed(nn.Layer):
 
     def forward(self, x):
         _check_input(x, self.img_size)
+        if patch_conv_applies(self.proj, x):  # CPU: one GEMM over the patches, output already BNC
+            return patch_embed_k(x, self.proj.weight, self.proj.bias)
         return transpose(self.proj(x).flatten(2), [0, 2, 1])  # BCHW -> BNC
 
 

@@ -4,8 +4,8 @@ float64: the kernels use the C library's exp/erf, so they must equal the definit
 float32: the polynomial exp/erf must stay within a few float32 ulps of the float64 definition.
 The gradients are checked against Paddle's autograd of the definition (composed of Paddle's own ops).
 Every compiled instruction-set variant this CPU can run (AVX-512, AVX2/FMA, baseline) is checked (the `isa`
-fixture), and the in-place momentum-encoder (EMA) and LARS kernels are checked against their definitions in
-numpy. And the fallback (MOCO_CPU_KERNELS=0, Paddle's own ops) gives the same ViT numbers as the kernels.
+fixture), and the in-place momentum-encoder (EMA), LARS and AdamW kernels are checked against their
+definitions in numpy. And the fallback (MOCO_CPU_KERNELS=0, Paddle's own ops) gives the same ViT numbers as the kernels.
 """
 import math
 import os
@@ -379,3 +379,41 @@ def test_lars_kernel(dtype, isa):
     p, _, mu = _inplace(cpu_kernels.get().moco_lars_, p0, -wd * p0, np.zeros(64), lr, wd, momentum, tc, True,
                         dtype=dtype)
     assert np.array_equal(p, p0.astype(dtype)) and not mu.any()
+
+
+def _adamw_ref(p, g, m, v, step, lr, beta1, beta2, eps, wd):
+    """torch.optim.AdamW's single-tensor step, written out in float64 (step counts from 1)."""
+    p = p * (1 - lr * wd)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+    return p - lr / bc1 * m / (np.sqrt(v) / math.sqrt(bc2) + eps), m, v
+
+
+@pytest.mark.parametrize('dtype', ['float64', 'float32'])
+def test_adamw_kernel(dtype, isa):
+    """moco_adamw_: three steps against torch's AdamW formula with and without weight decay (odd size: vector
+    tails; a zero gradient; gradients of very different scales); the beta powers advance one step each call."""
+    rng = np.random.default_rng(8)
+    lr, beta1, beta2, eps = 0.01, 0.9, 0.999, 1e-8
+    tol = 1e-14 if dtype == 'float64' else 3e-6
+    for wd in (0.1, 0.0):
+        p0 = rng.standard_normal(1037).astype(dtype).astype('float64')
+        p, m, v = p0, np.zeros_like(p0), np.zeros_like(p0)
+        rp, rm, rv = p0, np.zeros_like(p0), np.zeros_like(p0)
+        b1, b2 = np.array([beta1]), np.array([beta2])
+        for step in (1, 2, 3):
+            g = (rng.standard_normal(p0.shape) * np.logspace(-6, 2, p0.size)).astype(dtype).astype('float64')
+            if step == 2:
+                g[:10] = 0.0
+            out = _inplace(cpu_kernels.get().moco_adamw_, p, g, m, v, b1, b2, lr, beta1, beta2, eps, wd, dtype=dtype)
+            p, _, m, v, b1, b2 = (a.astype('float64') for a in out)
+            rp, rm, rv = _adamw_ref(rp, g, rm, rv, step, lr, beta1, beta2, eps, wd)
+            for got, want in ((p, rp), (m, rm), (v, rv)):
+                assert np.abs(got - want).max() <= tol * np.abs(want).max(), (wd, step)
+            np.testing.assert_allclose([b1[0], b2[0]], [beta1 ** (step + 1), beta2 ** (step + 1)],
+                                       rtol=1e-15 if dtype == 'float64' else 1e-6)
+        assert np.abs(p - p0).max() > 1e-3  # it moved
+    with pytest.raises(Exception, match='beta powers'):
+        _inplace(cpu_kernels.get().moco_adamw_, p0, p0, p0, p0, np.ones(2), np.ones(1), lr, beta1, beta2, eps, 0.1,
+                 dtype=dtype)

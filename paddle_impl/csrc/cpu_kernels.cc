@@ -396,6 +396,33 @@ void LarsInplace(paddle::Tensor& p, const paddle::Tensor& g, paddle::Tensor& mu,
   }));
 }
 
+// AdamW with torch's formula (kernels_impl.h adamw_k) on Paddle's accumulators: moment1, moment2 and the
+// one-element beta1^t, beta2^t of this step (Paddle's Beta1Pow/Beta2Pow), which are then advanced by one step.
+
+void AdamwInplace(paddle::Tensor& p, const paddle::Tensor& g, paddle::Tensor& m, paddle::Tensor& v,
+                  paddle::Tensor& b1pow, paddle::Tensor& b2pow, double lr, double beta1, double beta2, double eps,
+                  double wd) {
+  const std::vector<const paddle::Tensor*> all{&p, &g, &m, &v, &b1pow, &b2pow};
+  for (const paddle::Tensor* t : all) check_cpu(*t, "moco_adamw_");
+  PD_CHECK(p.numel() == g.numel() && p.numel() == m.numel() && p.numel() == v.numel(),
+           "moco_adamw_: tensors differ in size");
+  PD_CHECK(b1pow.numel() == 1 && b2pow.numel() == 1, "moco_adamw_: beta powers must have one element");
+  PD_CHECK(g.dtype() == p.dtype() && m.dtype() == p.dtype() && v.dtype() == p.dtype() &&
+               b1pow.dtype() == p.dtype() && b2pow.dtype() == p.dtype(),
+           "moco_adamw_: tensors differ in dtype");
+  PD_DISPATCH_FLOATING_TYPES(p.type(), "moco_adamw_", ([&] {
+    data_t* bp1 = b1pow.data<data_t>();
+    data_t* bp2 = b2pow.data<data_t>();
+    const double bc1 = 1.0 - static_cast<double>(bp1[0]), bc2 = 1.0 - static_cast<double>(bp2[0]);
+    MOCO_ISA_CALL(adamw_k<data_t>, p.data<data_t>(), g.data<data_t>(), m.data<data_t>(), v.data<data_t>(), p.numel(),
+                  static_cast<data_t>(1.0 - lr * wd), static_cast<data_t>(1.0 - beta1), static_cast<data_t>(beta2),
+                  static_cast<data_t>(1.0 - beta2), static_cast<data_t>(-(lr / bc1)),
+                  static_cast<data_t>(std::sqrt(bc2)), static_cast<data_t>(eps));
+    bp1[0] = bp1[0] * static_cast<data_t>(beta1);
+    bp2[0] = bp2[0] * static_cast<data_t>(beta2);
+  }));
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Direct float32 convolution through oneDNN (forward, backward data, backward weights), the library torch
 // uses for its CPU convolutions. Paddle's wheel ships oneDNN (paddle/libs/libdnnl.so.3, the v3.x C API) but
@@ -855,6 +882,13 @@ PD_BUILD_OP(moco_lars_)
     .Attrs({"lr: double", "wd: double", "momentum: double", "tc: double", "adapt: bool"})
     .SetInplaceMap({{"P", "POut"}, {"Mu", "MuOut"}})
     .SetKernelFn(PD_KERNEL(LarsInplace));
+
+PD_BUILD_OP(moco_adamw_)
+    .Inputs({"P", "G", "M1", "M2", "B1Pow", "B2Pow"})
+    .Outputs({"POut", "M1Out", "M2Out", "B1PowOut", "B2PowOut"})
+    .Attrs({"lr: double", "beta1: double", "beta2: double", "eps: double", "wd: double"})
+    .SetInplaceMap({{"P", "POut"}, {"M1", "M1Out"}, {"M2", "M2Out"}, {"B1Pow", "B1PowOut"}, {"B2Pow", "B2PowOut"}})
+    .SetKernelFn(PD_KERNEL(AdamwInplace));
 
 PD_BUILD_OP(moco_blas_init)
     .Inputs({"X"})

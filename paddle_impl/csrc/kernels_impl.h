@@ -312,6 +312,23 @@ void ema_k(T* pm, const T* pb, int64_t n, T m) {
   for (int64_t i = 0; i < n; ++i) pm[i] = pm[i] * m + pb[i] * w;  // official: p_m * m + p_b * (1 - m)
 }
 
+// AdamW (torch.optim.AdamW, single-tensor path), one pass: p *= 1 - lr * wd; m = m + (1 - beta1) (g - m);
+// v = v * beta2 + (1 - beta2) g g; p = p + (-lr / bc1) * (m / (sqrt(v) / sqrt(bc2) + eps)). The scalars come
+// computed in double and rounded to T once, as torch's Python scalars are.
+template <typename T>
+void adamw_k(T* p, const T* g, T* m, T* v, int64_t n, T decay, T w1, T b2, T w2, T nstep, T bc2s, T eps) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const T gi = g[i];
+    const T mi = m[i] + w1 * (gi - m[i]);
+    const T vi = v[i] * b2 + w2 * gi * gi;
+    const T denom = std::sqrt(vi) / bc2s + eps;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = p[i] * decay + nstep * (mi / denom);
+  }
+}
+
 template <typename T>
 void lars_k(T* p, const T* g, T* mu, int64_t n, T lr, T wd, T momentum, double tc, bool adapt) {
   T q = T(1);
