@@ -21,6 +21,13 @@ float64), but it receives the weight decay as a float32 attribute: wd = 0.1 beco
 error of ~1e-8 in the decay term (measured: 1e-10 relative per step in float64). ``AdamW`` below
 therefore applies the decoupled decay itself, in the parameter's dtype, and runs the fused kernel with
 a decay of 0. In float32 both ways agree to rounding.
+
+On the CPU (float32/float64, eager; not for amsgrad, lazy mode or a per-parameter lr ratio) ``AdamW`` runs
+one pass of our kernel instead (csrc/kernels_impl.h ``adamw_k``): decay, moments and update with torch's
+formula, multi-threaded, on Paddle's own accumulators (moment1, moment2, beta1/beta2 powers, which it
+advances as Paddle's kernel does), so checkpoints are the same. ViT-S MoCo, 43 M parameters, 2 threads:
+77 -> 39 ms per step. In float64 it equals Paddle's kernel to 1e-14; in float32 it is the closer of the two
+to torch (Paddle's kernel forms 1 - beta2 in float32: 0.00099998713 for 0.999).
 """
 import paddle
 
