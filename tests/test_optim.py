@@ -1,4 +1,5 @@
 """LARS and AdamW on both sides: hand computations, torch parity in float64, GradScaler, resume."""
+import contextlib
 from unittest import mock
 
 import numpy as np
@@ -12,6 +13,7 @@ from paddle_impl import models as pm
 from paddle_impl import optimizer as popt
 from paddle_impl import schedules as psched
 from parity.scenarios import paddle_dtype
+from test_cpu_kernels import _rel
 from torch_ref import models as tm
 from torch_ref import optimizer as topt
 from torch_ref import schedules as tsched
@@ -161,6 +163,22 @@ def test_stock_paddle_adamw_weight_decay_is_float32():
     assert err_exact < 1e-14  # a weight decay exact in float32: the kernel's algorithm is torch's
 
 
+@contextlib.contextmanager
+def _kernel_spy(allow=True):
+    """Yields a list that records, per parameter update, whether AdamW took our one-pass kernel
+    (``allow=False``: it is never offered, so Paddle's kernel runs)."""
+    taken = []
+    real = popt.AdamW._fused_state
+
+    def spy(self, pg):
+        state = real(self, pg) if allow else None
+        taken.append(state is not None)
+        return state
+
+    with mock.patch.object(popt.AdamW, '_fused_state', spy):
+        yield taken
+
+
 def _adamw_fused_or_not(fused, dtype, steps=4):
     """Three parameters (a weight, a bias excluded from the decay, a frozen one), AdamW with wd 0.05 for
     ``steps`` steps, with our one-pass kernel (``fused``) or Paddle's kernel plus the separate decay."""
@@ -172,15 +190,7 @@ def _adamw_fused_or_not(fused, dtype, steps=4):
     f.stop_gradient = True
     opt = popt.AdamW(learning_rate=0.01, parameters=[w, b, f], weight_decay=0.05,
                      apply_decay_param_fun=lambda name: name != b.name)
-    calls = []
-    real = popt.AdamW._fused_state
-
-    def spy(self, pg):
-        state = real(self, pg) if fused else None
-        calls.append(state is not None)
-        return state
-
-    with mock.patch.object(popt.AdamW, '_fused_state', spy):
+    with _kernel_spy(allow=fused) as calls:
         for i in range(steps):
             opt.set_lr(0.01 * (i + 1))
             x = paddle.to_tensor(rng.standard_normal((4, 6)).astype(dtype))
@@ -195,10 +205,6 @@ def _adamw_run(fused, dtype):
         return _adamw_fused_or_not(fused, dtype)
 
 
-def _max_rel(a, b):
-    return float(np.abs(a.astype('float64') - b).max() / np.abs(b).max())
-
-
 def test_adamw_one_pass_kernel_equals_paddles_kernel():
     """On CPU our kernel takes every step (decay mask and frozen parameter kept), with the same accumulators
     (names, moments, beta powers) as Paddle's own kernel and, in float64, the same numbers to rounding. In
@@ -209,15 +215,15 @@ def test_adamw_one_pass_kernel_equals_paddles_kernel():
     assert ck == [True] * 8 and cp == [False] * 8  # 2 trainable parameters x 4 steps
     assert set(sk) == set(sp) and len(sk) >= 8  # moment1, moment2, beta1^t, beta2^t of 2 parameters
     for a, b in list(zip(pk, pp)) + [(sk[k], sp[k]) for k in sk if isinstance(sk[k], np.ndarray)]:
-        assert _max_rel(a, b) <= 1e-14
+        assert _rel(a, b) <= 1e-14
     init = np.random.default_rng(3).standard_normal((6, 5))
     assert np.abs(pk[0] - init).max() > 1e-3  # the weights moved
     p32, s32, c32 = _adamw_run(True, 'float32')
     q32, t32, _ = _adamw_run(False, 'float32')
     assert c32 == [True] * 8
-    ours = max([_max_rel(a, b) for a, b in zip(p32, pk)] +
-               [_max_rel(s32[k], sk[k]) for k in sk if isinstance(sk[k], np.ndarray)])
-    paddles = max(_max_rel(t32[k], sk[k]) for k in sk if isinstance(sk[k], np.ndarray))
+    ours = max([_rel(a, b) for a, b in zip(p32, pk)] +
+               [_rel(s32[k], sk[k]) for k in sk if isinstance(sk[k], np.ndarray)])
+    paddles = max(_rel(t32[k], sk[k]) for k in sk if isinstance(sk[k], np.ndarray))
     print(f'\nAdamW float32 vs float64, 4 steps, largest relative error: ours {ours:.1e}, Paddle kernel {paddles:.1e}')
     assert ours <= 4e-6 < paddles
 
@@ -227,16 +233,8 @@ def _takes_kernel(**kw):
     opt = popt.AdamW(parameters=[p], **{k: v for k, v in kw.items() if k != 'lr_ratio'})
     if 'lr_ratio' in kw:
         opt._lr_ratio = kw['lr_ratio']
-    taken = []
-    real = popt.AdamW._fused_state
-
-    def spy(self, pg):
-        state = real(self, pg)
-        taken.append(state is not None)
-        return state
-
     (p * p).sum().backward()
-    with mock.patch.object(popt.AdamW, '_fused_state', spy):
+    with _kernel_spy() as taken:
         opt.step()
     return taken == [True]
 

@@ -9,19 +9,7 @@ import paddle
 import paddle.nn.functional as F
 
 from paddle_impl import layers, vits
-
-TOL = {'float64': 1e-13, 'float32': 2e-6}
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, dtype='float64'), np.asarray(b, dtype='float64')
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
-
-
-def _tensor(a, grad):
-    t = paddle.to_tensor(a)
-    t.stop_gradient = not grad
-    return t
+from test_cpu_kernels import TOL, _rel, _t
 
 
 def _plain(x, w, b, p):
@@ -40,7 +28,7 @@ def test_matches_conv(dtype, shape, needs):
     dy = rng.standard_normal((n, (h // p) * (w // p), e)).astype(dtype)
     outs = []
     for fn in (layers.patch_embed_k, lambda x, w_, b: _plain(x, w_, b, p)):
-        x, wt, b = (_tensor(a, g) for a, g in zip((xs, ws, bs), needs))
+        x, wt, b = (_t(a, g) for a, g in zip((xs, ws, bs), needs))
         y = fn(x, wt, b)
         wanted = [t for t, g in zip((x, wt, b), needs) if g]
         grads = paddle.grad([y], wanted, [paddle.to_tensor(dy)]) if wanted else []
