@@ -110,6 +110,41 @@ def restore_torch_running_stats(bn, old_mean, old_var, n, unbiased_stored):
         bn._variance.set_value((1.0 - mom) * old_var + mom * batch_var)
 
 
+class _BatchNormK(PyLayer):
+    """BN in training mode in our multi-threaded kernels (Paddle's run on one thread; in a ResNet-50 step on a
+    2-core Intel Xeon its backward took 2.1 ms per call against torch's 1.3 ms): forward moco_batch_norm_ (y and
+    torch's running-statistics update in one call), backward moco_batch_norm_backward (batch statistics
+    recomputed from x, then dx, dweight, dbias in one more pass). float32 NCHW only (_bn_k_applies)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn):
+        x = cpu_kernels.contiguous(x)
+        ctx.save_for_backward(x, weight)
+        ctx.eps = float(bn._epsilon)
+        ctx.needs = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
+        return _bn_forward_k(x, bn)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensor()
+        dx, dw, db = cpu_kernels.get().moco_batch_norm_backward(x, weight, cpu_kernels.contiguous(dy), ctx.eps)
+        return tuple(g if need else None for g, need in zip((dx, dw, db), ctx.needs))
+
+
+def _bn_forward_k(x, bn):
+    return cpu_kernels.get().moco_batch_norm_(x, bn.weight, bn.bias, bn._mean, bn._variance, float(bn._epsilon),
+                                              float(bn._torch_momentum))[0]
+
+
+def _bn_k_applies(bn, x):
+    """_BatchNormK / _bn_forward_k for this training-mode call: CPU float32, 4-D NCHW, affine, torch's momentum
+    known, running statistics in float32, our kernels and fast layers on."""
+    return (x.ndim == 4 and bn._data_format == 'NCHW' and x.dtype == paddle.float32 and bn.weight is not None
+            and bn.bias is not None and hasattr(bn, '_torch_momentum') and bn._mean.dtype == paddle.float32
+            and bn._variance.dtype == paddle.float32 and _fast_cpu(x)
+            and cpu_kernels.usable(x, bn.weight, bn.bias))
+
+
 class _UnbiasedVarMixin:
     """Runs Paddle's fused BN kernel, then rewrites the running statistics as torch computes them.
 
@@ -131,6 +166,13 @@ class _UnbiasedVarMixin:
             return super().forward(x)
         self._check_input_dim(x)
         n = self._reduce_count(x)
+        if _bn_k_applies(self, x):
+            if n < 2:
+                raise ValueError(f'BatchNorm in training mode needs more than one value per channel, got input '
+                                 f'{[int(d) for d in x.shape]}')
+            if _needs_grad(x, self.weight, self.bias):
+                return _BatchNormK.apply(x, self.weight, self.bias, self)
+            return _bn_forward_k(cpu_kernels.contiguous(x), self)
         unbiased_stored = kernel_stores_unbiased(x, self._variance.dtype, self._data_format)
         old_mean, old_var = self._mean.clone(), self._variance.clone()
         y = _bn_kernel(x, self._mean, self._variance, self.weight, self.bias, self._momentum, self._epsilon,
@@ -665,6 +707,30 @@ def gelu_k(x):
     return cpu_kernels.get().moco_gelu(cpu_kernels.contiguous(x))
 
 
+class _ReluK(PyLayer):
+    """In-place ReLU: Paddle's relu_ forward; the backward dy where y > 0 (Paddle's relu_grad, same numbers)
+    in our multi-threaded kernel (Paddle's runs on one thread: 2.9 ms vs torch's 0.6 ms per call in a
+    ResNet-50 step on a 2-core Intel Xeon)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = F.relu_(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, = ctx.saved_tensor()
+        return cpu_kernels.get().moco_relu_backward(y, cpu_kernels.contiguous(dy))
+
+
+def relu_(x):
+    """F.relu_(x) (in place); on CPU with our kernels, where a gradient is needed, _ReluK's backward."""
+    if cpu_kernels.usable(x) and _needs_grad(x) and x.is_contiguous():
+        return _ReluK.apply(x)
+    return F.relu_(x)
+
+
 class _LayerNormK(PyLayer):
     @staticmethod
     def forward(ctx, x, weight, bias, epsilon):
@@ -806,13 +872,41 @@ def conv2d_onednn(x, weight, geom):
     return cpu_kernels.get().moco_dnnl_conv(cpu_kernels.contiguous(x), weight, *geom[2:])
 
 
+_CPU = {}
+
+
+def cpu_vendor():
+    """'intel', 'amd' or 'other' (machine.cpu_facts, read once per process); the convolution routes below
+    differ by vendor because they were measured to."""
+    if 'vendor' not in _CPU:
+        from . import machine
+        _CPU['vendor'] = machine.cpu_facts()['vendor']
+    return _CPU['vendor']
+
+
 def onednn_conv_wins(x, weight, geom, out_hw):
-    """The shapes where the oneDNN convolution measured faster than im2col + GEMM, forward + backward (bench/
-    conv_layers.py, docs/benchmarks.md "ResNet-50: the convolutions"): ResNet-50's 3x3 and 7x7 kernels with
-    stride 1 or 2 and at least 14x14 output positions. On the 7x7 outputs of its last stage (512 channels)
-    im2col + one GEMM over the whole batch was as fast or faster (43-46 ms vs 44-55 ms, batch 8, one thread)."""
+    """The shapes where the oneDNN convolution measured faster than im2col + GEMM, forward + backward, batch 8
+    (bench/conv_layers.py, docs/benchmarks.md "ResNet-50: the convolutions"): 3x3 and 7x7 kernels with stride 1
+    or 2 and at least 14x14 output positions. On the 7x7 outputs of the last stage (512 channels) im2col + one
+    GEMM over the whole batch was as fast or faster on the AMD EPYC (43-46 ms vs 44-55 ms, one thread); on the
+    Intel Xeon the stride-1 one is faster in oneDNN (20 vs 24 ms, 2 threads)."""
     kh, kw, sh, sw = geom[:4]
-    return kh == kw and kh in (3, 7) and sh == sw and sh in (1, 2) and out_hw[0] * out_hw[1] >= 14 * 14
+    if not (kh == kw and kh in (3, 7) and sh == sw and sh in (1, 2)):
+        return False
+    return out_hw[0] * out_hw[1] >= 14 * 14 or (sh == 1 and cpu_vendor() == 'intel')
+
+
+def pointwise_conv_takes(x, geom):
+    """A float32 1x1 convolution that conv2d_k runs (im2col: a strided gather and one GEMM for the batch)
+    instead of Paddle's conv2d (one GEMM per image): stride 2, no padding, on Intel CPUs, where it measured
+    faster forward + backward (2-core Xeon with AVX-512, bench/conv_layers.py, 2026-12-02: 20-30 ms vs 29-37 ms
+    per layer; the ResNet-50 step 1.2% faster, alternating in one process). Stride 1 stays on Paddle's: oneDNN
+    was faster there on 28x28 and smaller inputs (10-32% per layer) but added ~300 MiB to the step's peak RSS
+    (glibc heap holes, the tensors' own peak unchanged); on the AMD EPYC Paddle's own was the fastest 1x1
+    (1203 ms vs oneDNN 1483, all of ResNet-50's 1x1 shapes, one thread, AVX2 cap)."""
+    kh, kw, sh, sw, ph, pw = geom
+    return ((kh, kw, sh, sw, ph, pw) == (1, 1, 2, 2, 0, 0) and x.dtype == paddle.float32
+            and cpu_vendor() == 'intel')
 
 
 def onednn_conv_applies(x, weight, geom, out_hw):
@@ -835,20 +929,22 @@ def _pair(v):
 
 
 def conv_k_applies(layer, x):
-    """Our im2col path applies to this nn.Conv2D call: CPU float32/64, NCHW, groups 1, dilation 1, no bias,
-    numeric padding, a kernel larger than 1x1 (1x1 convolutions are already one GEMM in Paddle)."""
+    """Our path (conv2d_k) applies to this nn.Conv2D call: CPU float32/64, NCHW, groups 1, dilation 1, no bias,
+    numeric padding; a 1x1 kernel (already one GEMM per image in Paddle) only where pointwise_conv_takes."""
     if layer._groups != 1 or layer.bias is not None or layer._data_format != 'NCHW':
         return False
     if _pair(layer._dilation) != [1, 1] or isinstance(layer._padding, str):
-        return False
-    if list(layer._kernel_size) == [1, 1]:
         return False
     pad = layer._padding
     if not isinstance(pad, int) and (len(pad) != 2 or not all(isinstance(p, int) for p in pad)):
         return False
     if getattr(layer, '_padding_mode', 'zeros') != 'zeros':
         return False
-    return cpu_kernels.usable(x, layer.weight)
+    if not cpu_kernels.usable(x, layer.weight):
+        return False
+    if list(layer._kernel_size) == [1, 1]:  # only where this CPU measured ours faster
+        return pointwise_conv_takes(x, [1, 1] + _pair(layer._stride) + _pair(pad))
+    return True
 
 
 class Conv2D(nn.Conv2D):

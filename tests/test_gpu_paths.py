@@ -107,6 +107,8 @@ def _unbiased_storing_kernel(x, running_mean, running_var, weight, bias, momentu
 
 @pytest.fixture
 def fresh_probe(monkeypatch):
+    # Paddle's BN kernel path (a GPU's; on CPU float32 NCHW our kernels take the call, layers._bn_k_applies)
+    monkeypatch.setattr(layers, '_bn_k_applies', lambda *a: False)
     monkeypatch.setattr(layers, '_KERNEL_STORES_UNBIASED', {})
     return layers._KERNEL_STORES_UNBIASED
 

@@ -206,8 +206,8 @@ def test_unloadable_library_falls_back(lib):
 
 def test_default_policy_shapes(monkeypatch):
     """Unset MOCO_ONEDNN_CONV: oneDNN for the ResNet-50 shapes where it measured faster (the 7x7 stem, 3x3 with
-    >= 14x14 outputs), im2col for the last stage's 7x7 outputs and for kernels not measured (a ViT patch
-    embedding)."""
+    >= 14x14 outputs; on Intel also the last stage's stride-1 3x3), im2col for the last stage's 7x7 outputs and
+    for kernels not measured (a ViT patch embedding)."""
     monkeypatch.delenv('MOCO_ONEDNN_CONV', raising=False)
 
     def goes(c, h, co, k, s):
@@ -217,7 +217,10 @@ def test_default_policy_shapes(monkeypatch):
 
     assert goes(3, 224, 64, 7, 2) and goes(64, 56, 64, 3, 1) and goes(128, 56, 128, 3, 2)
     assert goes(256, 28, 256, 3, 2) and goes(256, 14, 256, 3, 1)
+    monkeypatch.setitem(layers._CPU, 'vendor', 'amd')
     assert not goes(512, 14, 512, 3, 2) and not goes(512, 7, 512, 3, 1)
+    monkeypatch.setitem(layers._CPU, 'vendor', 'intel')  # measured there: the stride-1 one faster in oneDNN
+    assert not goes(512, 14, 512, 3, 2) and goes(512, 7, 512, 3, 1)
     assert not goes(3, 224, 8, 16, 16)
     x = paddle.zeros([1, 4, 8, 8], dtype='float64')
     assert not layers.onednn_conv_applies(x, paddle.zeros([4, 4, 3, 3], dtype='float64'), [3, 3, 1, 1, 1, 1], [8, 8])

@@ -290,6 +290,60 @@ std::vector<paddle::Tensor> GeluBackward(const paddle::Tensor& x, const paddle::
   return {dx};
 }
 
+// BatchNorm (training, NCHW) forward: y from the batch statistics; the running mean and variance RM, RV updated in
+// place as torch does (momentum = torch's, the weight of the batch; the variance unbiased)
+
+std::vector<paddle::Tensor> BatchNormForward(const paddle::Tensor& x, const paddle::Tensor& w, const paddle::Tensor& b,
+                                             paddle::Tensor& rm, paddle::Tensor& rv, double eps, double momentum) {
+  for (const paddle::Tensor* t : std::initializer_list<const paddle::Tensor*>{&x, &w, &b, &rm, &rv})
+    check_cpu(*t, "moco_batch_norm_");
+  const auto xs = x.shape();
+  PD_CHECK(xs.size() == 4, "moco_batch_norm_: expected an NCHW tensor");
+  for (const paddle::Tensor* t : std::initializer_list<const paddle::Tensor*>{&w, &b, &rm, &rv})
+    PD_CHECK(t->numel() == xs[1] && t->dtype() == x.dtype(), "moco_batch_norm_: a per-channel tensor differs");
+  PD_CHECK(xs[0] * xs[2] * xs[3] > 1, "moco_batch_norm_: needs more than one value per channel");
+  auto y = paddle::empty(xs, x.dtype(), x.place());
+  PD_DISPATCH_FLOATING_TYPES(x.type(), "moco_batch_norm_", ([&] {
+    MOCO_ISA_CALL(bn_fwd_k<data_t>, x.data<data_t>(), w.data<data_t>(), b.data<data_t>(), y.data<data_t>(),
+                  rm.data<data_t>(), rv.data<data_t>(), xs[0], xs[1], xs[2] * xs[3], eps, momentum);
+  }));
+  return {y};
+}
+
+// BatchNorm (training, NCHW) backward: [dx, dweight, dbias] from x, weight and dy (batch statistics recomputed)
+
+std::vector<paddle::Tensor> BatchNormBackward(const paddle::Tensor& x, const paddle::Tensor& w,
+                                              const paddle::Tensor& dy, double eps) {
+  check_cpu(x, "moco_batch_norm_backward");
+  check_cpu(w, "moco_batch_norm_backward");
+  check_cpu(dy, "moco_batch_norm_backward");
+  const auto xs = x.shape();
+  PD_CHECK(xs.size() == 4, "moco_batch_norm_backward: expected an NCHW tensor");
+  PD_CHECK(dy.numel() == x.numel() && dy.dtype() == x.dtype() && w.dtype() == x.dtype() && w.numel() == xs[1],
+           "moco_batch_norm_backward: tensors differ");
+  auto dx = paddle::empty(xs, x.dtype(), x.place());
+  auto dw = paddle::empty({xs[1]}, x.dtype(), x.place());
+  auto db = paddle::empty({xs[1]}, x.dtype(), x.place());
+  PD_DISPATCH_FLOATING_TYPES(x.type(), "moco_batch_norm_backward", ([&] {
+    MOCO_ISA_CALL(bn_bwd_k<data_t>, x.data<data_t>(), w.data<data_t>(), dy.data<data_t>(), dx.data<data_t>(),
+                  dw.data<data_t>(), db.data<data_t>(), xs[0], xs[1], xs[2] * xs[3], eps);
+  }));
+  return {dx, dw, db};
+}
+
+// ReLU's backward from its output (the forward is Paddle's in-place relu_)
+
+std::vector<paddle::Tensor> ReluBackward(const paddle::Tensor& y, const paddle::Tensor& dy) {
+  check_cpu(y, "moco_relu_backward");
+  check_cpu(dy, "moco_relu_backward");
+  PD_CHECK(y.numel() == dy.numel() && y.dtype() == dy.dtype(), "moco_relu_backward: tensors differ");
+  auto dx = paddle::empty(y.shape(), y.dtype(), y.place());
+  PD_DISPATCH_FLOATING_TYPES(y.type(), "moco_relu_backward", ([&] {
+    MOCO_ISA_CALL(relu_bwd_k<data_t>, y.data<data_t>(), dy.data<data_t>(), dx.data<data_t>(), y.numel());
+  }));
+  return {dx};
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // LayerNorm over the last axis: y = (x - mean) * rstd * w + b, rstd = 1 / sqrt(var + eps) (biased var).
 // Statistics are accumulated in double for both dtypes; mean and rstd are kept (in T) for the backward.
@@ -844,6 +898,24 @@ PD_BUILD_OP(moco_gelu_grad_k)
     .Inputs({"X", "DY"})
     .Outputs({"DX"})
     .SetKernelFn(PD_KERNEL(GeluBackward));
+
+PD_BUILD_OP(moco_batch_norm_)
+    .Inputs({"X", "W", "B", "RM", "RV"})
+    .Outputs({"Y", "RMOut", "RVOut"})
+    .Attrs({"eps: double", "momentum: double"})
+    .SetInplaceMap({{"RM", "RMOut"}, {"RV", "RVOut"}})
+    .SetKernelFn(PD_KERNEL(BatchNormForward));
+
+PD_BUILD_OP(moco_batch_norm_backward)
+    .Inputs({"X", "W", "DY"})
+    .Outputs({"DX", "DW", "DB"})
+    .Attrs({"eps: double"})
+    .SetKernelFn(PD_KERNEL(BatchNormBackward));
+
+PD_BUILD_OP(moco_relu_backward)
+    .Inputs({"Y", "DY"})
+    .Outputs({"DX"})
+    .SetKernelFn(PD_KERNEL(ReluBackward));
 
 PD_BUILD_OP(moco_layer_norm)
     .Inputs({"X", "W", "B"})

@@ -164,6 +164,137 @@ void gelu_bwd_k(const T* x, const T* dy, T* dx, int64_t n) {
   }
 }
 
+// Sums over blocks of kBnBlock values in T, added up in double: of (x - k) and (x - k)^2 (q[0], q[1]) and, with
+// dy, of dy and dy * (x - k) (q[2], q[3]), over one (n, c) plane of HW values.
+constexpr int64_t kBnBlock = 256;
+
+template <typename T>
+inline void bn_plane_sums(const T* xp, const T* gp, int64_t HW, T k, double* q) {
+  double sx = 0, sxx = 0, sd = 0, sdx = 0;
+  for (int64_t i0 = 0; i0 < HW; i0 += kBnBlock) {
+    const int64_t i1 = std::min(HW, i0 + kBnBlock);
+    T bx = 0, bxx = 0, bd = 0, bdx = 0;
+    if (gp == nullptr) {
+#pragma omp simd reduction(+ : bx, bxx)
+      for (int64_t i = i0; i < i1; ++i) {
+        const T a = xp[i] - k;
+        bx += a;
+        bxx += a * a;
+      }
+    } else {
+#pragma omp simd reduction(+ : bx, bxx, bd, bdx)
+      for (int64_t i = i0; i < i1; ++i) {
+        const T a = xp[i] - k, g = gp[i];
+        bx += a;
+        bxx += a * a;
+        bd += g;
+        bdx += g * a;
+      }
+    }
+    sx += bx;
+    sxx += bxx;
+    sd += bd;
+    sdx += bdx;
+  }
+  q[0] = sx;
+  q[1] = sxx;
+  q[2] = sd;
+  q[3] = sdx;
+}
+
+// BatchNorm in training mode, NCHW (x [N, C, HW]): batch statistics from per-plane sums (bn_plane_sums, planes in
+// memory order split between the threads; k = the channel's first value, against cancellation), the channels'
+// sums in double; y = (x - k) * a + e with a = w * rstd, e = b - (mean - k) * a; the running statistics as torch
+// updates them, running = (1 - momentum) * running + momentum * batch (the variance unbiased), in double.
+template <typename T>
+void bn_fwd_k(const T* x, const T* w, const T* b, T* y, T* rm, T* rv, int64_t N, int64_t C, int64_t HW, double eps,
+              double momentum) {
+  const int64_t P = N * C;
+  std::vector<double> part(static_cast<size_t>(P) * 4);
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < P; ++p)
+    bn_plane_sums<T>(x + p * HW, nullptr, HW, x[(p % C) * HW], part.data() + p * 4);
+  const double cnt = static_cast<double>(N * HW);
+  std::vector<T> coef(static_cast<size_t>(C) * 2);
+  for (int64_t c = 0; c < C; ++c) {
+    double sx = 0, sxx = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      sx += part[(n * C + c) * 4];
+      sxx += part[(n * C + c) * 4 + 1];
+    }
+    const double ms = sx / cnt;  // mean - k
+    const double var = std::max(sxx / cnt - ms * ms, 0.0);
+    const double a = static_cast<double>(w[c]) / std::sqrt(var + eps);
+    coef[c * 2] = static_cast<T>(a);
+    coef[c * 2 + 1] = static_cast<T>(static_cast<double>(b[c]) - ms * a);
+    const double mean = ms + static_cast<double>(x[c * HW]);
+    rm[c] = static_cast<T>((1.0 - momentum) * static_cast<double>(rm[c]) + momentum * mean);
+    rv[c] = static_cast<T>((1.0 - momentum) * static_cast<double>(rv[c]) + momentum * var * cnt / (cnt - 1.0));
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t c = p % C;
+    const T kt = x[c * HW], a = coef[c * 2], e = coef[c * 2 + 1];
+    const T* xp = x + p * HW;
+    T* op = y + p * HW;
+#pragma omp simd
+    for (int64_t i = 0; i < HW; ++i) op[i] = (xp[i] - kt) * a + e;
+  }
+}
+
+// BatchNorm's backward in training mode, NCHW: the batch statistics recomputed from x together with the sums of
+// dy and dy * (x - k) (bn_plane_sums, as in bn_fwd_k); dbeta = sum dy, dgamma = sum dy * xhat, and a second pass
+// in memory order writes dx = w * rstd * (dy - dbeta / n - xhat * dgamma / n), xhat = (x - mean) * rstd.
+
+template <typename T>
+void bn_bwd_k(const T* x, const T* w, const T* dy, T* dx, T* dw, T* db, int64_t N, int64_t C, int64_t HW, double eps) {
+  const int64_t P = N * C;
+  std::vector<double> part(static_cast<size_t>(P) * 4);
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < P; ++p)
+    bn_plane_sums<T>(x + p * HW, dy + p * HW, HW, x[(p % C) * HW], part.data() + p * 4);
+  const double cnt = static_cast<double>(N * HW);
+  std::vector<T> coef(static_cast<size_t>(C) * 3);
+  for (int64_t c = 0; c < C; ++c) {
+    double sx = 0, sxx = 0, sd = 0, sdx = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const double* q = part.data() + (n * C + c) * 4;
+      sx += q[0];
+      sxx += q[1];
+      sd += q[2];
+      sdx += q[3];
+    }
+    const double ms = sx / cnt;  // mean - k
+    const double var = std::max(sxx / cnt - ms * ms, 0.0);
+    const double rs = 1.0 / std::sqrt(var + eps);
+    const double dgam = (sdx - ms * sd) * rs;
+    dw[c] = static_cast<T>(dgam);
+    db[c] = static_cast<T>(sd);
+    // dx = a1 * dy + a2 * (x - k) + a3
+    const double wr = static_cast<double>(w[c]) * rs;
+    coef[c * 3] = static_cast<T>(wr);
+    coef[c * 3 + 1] = static_cast<T>(-wr * rs * dgam / cnt);
+    coef[c * 3 + 2] = static_cast<T>(-wr * sd / cnt + wr * rs * dgam / cnt * ms);
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t c = p % C;
+    const T kt = x[c * HW], a1 = coef[c * 3], a2 = coef[c * 3 + 1], a3 = coef[c * 3 + 2];
+    const T* xp = x + p * HW;
+    const T* gp = dy + p * HW;
+    T* op = dx + p * HW;
+#pragma omp simd
+    for (int64_t i = 0; i < HW; ++i) op[i] = a1 * gp[i] + a2 * (xp[i] - kt) + a3;
+  }
+}
+
+// ReLU's gradient from its output: dx = dy where y > 0, else 0 (Paddle's relu_grad; a NaN y gives 0)
+template <typename T>
+void relu_bwd_k(const T* y, const T* dy, T* dx, int64_t n) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) dx[i] = y[i] > T(0) ? dy[i] : T(0);
+}
+
 template <typename T>
 void ln_fwd_k(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_t rows, int64_t C, double eps) {
 #pragma omp parallel for schedule(static)
