@@ -112,28 +112,29 @@ def restore_torch_running_stats(bn, old_mean, old_var, n, unbiased_stored):
 
 class _BatchNormK(PyLayer):
     """BN in training mode in our multi-threaded kernels (Paddle's run on one thread; in a ResNet-50 step on a
-    2-core Intel Xeon its backward took 2.1 ms per call against torch's 1.3 ms): forward moco_batch_norm_ (y and
-    torch's running-statistics update in one call), backward moco_batch_norm_backward (batch statistics
-    recomputed from x, then dx, dweight, dbias in one more pass). float32 NCHW only (_bn_k_applies)."""
+    2-core Intel Xeon its backward took 2.1 ms per call against torch's 1.3 ms): forward moco_batch_norm_ (y, the
+    batch mean and rstd kept for the backward, and torch's running-statistics update, in one call), backward
+    moco_batch_norm_backward (dx, dweight, dbias in two passes). float32 NCHW only (_bn_k_applies)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn):
         x = cpu_kernels.contiguous(x)
-        ctx.save_for_backward(x, weight)
-        ctx.eps = float(bn._epsilon)
+        y, mean, rstd = _bn_forward_k(x, bn)
+        ctx.save_for_backward(x, weight, mean, rstd)
         ctx.needs = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
-        return _bn_forward_k(x, bn)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensor()
-        dx, dw, db = cpu_kernels.get().moco_batch_norm_backward(x, weight, cpu_kernels.contiguous(dy), ctx.eps)
-        return tuple(g if need else None for g, need in zip((dx, dw, db), ctx.needs))
+        x, weight, mean, rstd = ctx.saved_tensor()
+        grads = cpu_kernels.get().moco_batch_norm_backward(x, weight, mean, rstd, cpu_kernels.contiguous(dy))
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs))
 
 
 def _bn_forward_k(x, bn):
+    """[y, batch mean, batch rstd]; bn's running statistics updated in place."""
     return cpu_kernels.get().moco_batch_norm_(x, bn.weight, bn.bias, bn._mean, bn._variance, float(bn._epsilon),
-                                              float(bn._torch_momentum))[0]
+                                              float(bn._torch_momentum))[:3]
 
 
 def _bn_k_applies(bn, x):
@@ -172,7 +173,7 @@ class _UnbiasedVarMixin:
                                  f'{[int(d) for d in x.shape]}')
             if _needs_grad(x, self.weight, self.bias):
                 return _BatchNormK.apply(x, self.weight, self.bias, self)
-            return _bn_forward_k(cpu_kernels.contiguous(x), self)
+            return _bn_forward_k(cpu_kernels.contiguous(x), self)[0]
         unbiased_stored = kernel_stores_unbiased(x, self._variance.dtype, self._data_format)
         old_mean, old_var = self._mean.clone(), self._variance.clone()
         y = _bn_kernel(x, self._mean, self._variance, self.weight, self.bias, self._momentum, self._epsilon,

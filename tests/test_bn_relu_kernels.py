@@ -49,11 +49,13 @@ def test_batch_norm_forward_kernel(dtype, shape, isa):
     rm, rv = rng.standard_normal(shape[1]), rng.random(shape[1]) + 0.5
     xd = x.astype(dtype).astype(np.float64)  # the values the kernel sees
     tensors = [paddle.to_tensor(a.astype(dtype)) for a in (x, w, b, rm, rv)]
-    y = cpu_kernels.get().moco_batch_norm_(*tensors, 1e-5, 0.1)[0]
+    y, mean, rstd = cpu_kernels.get().moco_batch_norm_(*tensors, 1e-5, 0.1)[:3]
     want, _, v = _bn_ref(xd, w.astype(dtype), b.astype(dtype), 1e-5)
     n = x.size / shape[1]
     tol = TOL[dtype] * 10 if dtype == 'float64' else 2e-5  # float32: |x| ~ 50, std 3
     assert _rel(y.numpy(), want) < tol
+    assert _rel(mean.numpy(), xd.mean(axis=(0, 2, 3))) < TOL[dtype]
+    assert _rel(rstd.numpy(), 1 / np.sqrt(v.ravel() + 1e-5)) < TOL[dtype] * 10
     assert _rel(tensors[3].numpy(), 0.9 * rm.astype(dtype) + 0.1 * xd.mean(axis=(0, 2, 3))) < TOL[dtype] * 10
     assert _rel(tensors[4].numpy(), 0.9 * rv.astype(dtype) + 0.1 * v.ravel() * n / (n - 1)) < TOL[dtype] * 10
 
@@ -64,7 +66,10 @@ def test_batch_norm_backward_kernel(dtype, shape, isa):
     rng = np.random.default_rng(2)
     x = (rng.standard_normal(shape) * 3 + 50).astype(dtype)
     w, dy = rng.standard_normal(shape[1]).astype(dtype), rng.standard_normal(shape).astype(dtype)
-    dx, dw, db = cpu_kernels.get().moco_batch_norm_backward(*(paddle.to_tensor(a) for a in (x, w, dy)), 1e-5)
+    xd = x.astype(np.float64)
+    mean = xd.mean(axis=(0, 2, 3)).astype(dtype)
+    rstd = (1 / np.sqrt(xd.var(axis=(0, 2, 3)) + 1e-5)).astype(dtype)
+    dx, dw, db = cpu_kernels.get().moco_batch_norm_backward(*(paddle.to_tensor(a) for a in (x, w, mean, rstd, dy)))
     want = _bn_grad_ref(*(a.astype(np.float64) for a in (x, w, dy)), 1e-5)
     tol = TOL[dtype] * 100 if dtype == 'float64' else 5e-5
     # dx relative to the size of its terms, w * rstd * dy (with two values per channel dx itself is ~0)
@@ -82,7 +87,9 @@ def test_batch_norm_kernels_refuse_bad_input():
     with pytest.raises(Exception, match='more than one value'):
         k.moco_batch_norm_(paddle.randn([1, 3, 1, 1]), c, c, c.clone(), c.clone(), 1e-5, 0.1)
     with pytest.raises(Exception, match='NCHW'):
-        k.moco_batch_norm_backward(paddle.randn([2, 3]), c, paddle.randn([2, 3]), 1e-5)
+        k.moco_batch_norm_backward(paddle.randn([2, 3]), c, c, c, paddle.randn([2, 3]))
+    with pytest.raises(Exception, match='per-channel'):
+        k.moco_batch_norm_backward(x, c, paddle.ones([4]), c, paddle.randn([2, 3, 4, 4]))
 
 
 def _bn_run(fast, x, gy, w, b, train=True):

@@ -303,30 +303,35 @@ std::vector<paddle::Tensor> BatchNormForward(const paddle::Tensor& x, const padd
     PD_CHECK(t->numel() == xs[1] && t->dtype() == x.dtype(), "moco_batch_norm_: a per-channel tensor differs");
   PD_CHECK(xs[0] * xs[2] * xs[3] > 1, "moco_batch_norm_: needs more than one value per channel");
   auto y = paddle::empty(xs, x.dtype(), x.place());
+  auto mean = paddle::empty({xs[1]}, x.dtype(), x.place());
+  auto rstd = paddle::empty({xs[1]}, x.dtype(), x.place());
   PD_DISPATCH_FLOATING_TYPES(x.type(), "moco_batch_norm_", ([&] {
     MOCO_ISA_CALL(bn_fwd_k<data_t>, x.data<data_t>(), w.data<data_t>(), b.data<data_t>(), y.data<data_t>(),
-                  rm.data<data_t>(), rv.data<data_t>(), xs[0], xs[1], xs[2] * xs[3], eps, momentum);
+                  mean.data<data_t>(), rstd.data<data_t>(), rm.data<data_t>(), rv.data<data_t>(), xs[0], xs[1],
+                  xs[2] * xs[3], eps, momentum);
   }));
-  return {y};
+  return {y, mean, rstd};
 }
 
-// BatchNorm (training, NCHW) backward: [dx, dweight, dbias] from x, weight and dy (batch statistics recomputed)
+// BatchNorm (training, NCHW) backward: [dx, dweight, dbias] from x, weight, the forward's mean and rstd, and dy
 
 std::vector<paddle::Tensor> BatchNormBackward(const paddle::Tensor& x, const paddle::Tensor& w,
-                                              const paddle::Tensor& dy, double eps) {
-  check_cpu(x, "moco_batch_norm_backward");
-  check_cpu(w, "moco_batch_norm_backward");
-  check_cpu(dy, "moco_batch_norm_backward");
+                                              const paddle::Tensor& mean, const paddle::Tensor& rstd,
+                                              const paddle::Tensor& dy) {
+  for (const paddle::Tensor* t : std::initializer_list<const paddle::Tensor*>{&x, &w, &mean, &rstd, &dy})
+    check_cpu(*t, "moco_batch_norm_backward");
   const auto xs = x.shape();
   PD_CHECK(xs.size() == 4, "moco_batch_norm_backward: expected an NCHW tensor");
-  PD_CHECK(dy.numel() == x.numel() && dy.dtype() == x.dtype() && w.dtype() == x.dtype() && w.numel() == xs[1],
-           "moco_batch_norm_backward: tensors differ");
+  PD_CHECK(dy.numel() == x.numel() && dy.dtype() == x.dtype(), "moco_batch_norm_backward: dy differs from x");
+  for (const paddle::Tensor* t : std::initializer_list<const paddle::Tensor*>{&w, &mean, &rstd})
+    PD_CHECK(t->numel() == xs[1] && t->dtype() == x.dtype(), "moco_batch_norm_backward: a per-channel tensor differs");
   auto dx = paddle::empty(xs, x.dtype(), x.place());
   auto dw = paddle::empty({xs[1]}, x.dtype(), x.place());
   auto db = paddle::empty({xs[1]}, x.dtype(), x.place());
   PD_DISPATCH_FLOATING_TYPES(x.type(), "moco_batch_norm_backward", ([&] {
-    MOCO_ISA_CALL(bn_bwd_k<data_t>, x.data<data_t>(), w.data<data_t>(), dy.data<data_t>(), dx.data<data_t>(),
-                  dw.data<data_t>(), db.data<data_t>(), xs[0], xs[1], xs[2] * xs[3], eps);
+    MOCO_ISA_CALL(bn_bwd_k<data_t>, x.data<data_t>(), w.data<data_t>(), mean.data<data_t>(), rstd.data<data_t>(),
+                  dy.data<data_t>(), dx.data<data_t>(), dw.data<data_t>(), db.data<data_t>(), xs[0], xs[1],
+                  xs[2] * xs[3]);
   }));
   return {dx, dw, db};
 }
@@ -901,15 +906,14 @@ PD_BUILD_OP(moco_gelu_grad_k)
 
 PD_BUILD_OP(moco_batch_norm_)
     .Inputs({"X", "W", "B", "RM", "RV"})
-    .Outputs({"Y", "RMOut", "RVOut"})
+    .Outputs({"Y", "Mean", "Rstd", "RMOut", "RVOut"})
     .Attrs({"eps: double", "momentum: double"})
     .SetInplaceMap({{"RM", "RMOut"}, {"RV", "RVOut"}})
     .SetKernelFn(PD_KERNEL(BatchNormForward));
 
 PD_BUILD_OP(moco_batch_norm_backward)
-    .Inputs({"X", "W", "DY"})
+    .Inputs({"X", "W", "Mean", "Rstd", "DY"})
     .Outputs({"DX", "DW", "DB"})
-    .Attrs({"eps: double"})
     .SetKernelFn(PD_KERNEL(BatchNormBackward));
 
 PD_BUILD_OP(moco_relu_backward)

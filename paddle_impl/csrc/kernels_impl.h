@@ -204,11 +204,12 @@ inline void bn_plane_sums(const T* xp, const T* gp, int64_t HW, T k, double* q) 
 
 // BatchNorm in training mode, NCHW (x [N, C, HW]): batch statistics from per-plane sums (bn_plane_sums, planes in
 // memory order split between the threads; k = the channel's first value, against cancellation), the channels'
-// sums in double; y = (x - k) * a + e with a = w * rstd, e = b - (mean - k) * a; the running statistics as torch
-// updates them, running = (1 - momentum) * running + momentum * batch (the variance unbiased), in double.
+// sums in double; y = (x - k) * a + e with a = w * rstd, e = b - (mean - k) * a; mean and rstd kept (in T) for the
+// backward; the running statistics as torch updates them, running = (1 - momentum) * running + momentum * batch
+// (the variance unbiased), in double.
 template <typename T>
-void bn_fwd_k(const T* x, const T* w, const T* b, T* y, T* rm, T* rv, int64_t N, int64_t C, int64_t HW, double eps,
-              double momentum) {
+void bn_fwd_k(const T* x, const T* w, const T* b, T* y, T* mean_out, T* rstd_out, T* rm, T* rv, int64_t N, int64_t C,
+              int64_t HW, double eps, double momentum) {
   const int64_t P = N * C;
   std::vector<double> part(static_cast<size_t>(P) * 4);
 #pragma omp parallel for schedule(static)
@@ -224,10 +225,13 @@ void bn_fwd_k(const T* x, const T* w, const T* b, T* y, T* rm, T* rv, int64_t N,
     }
     const double ms = sx / cnt;  // mean - k
     const double var = std::max(sxx / cnt - ms * ms, 0.0);
-    const double a = static_cast<double>(w[c]) / std::sqrt(var + eps);
+    const double rs = 1.0 / std::sqrt(var + eps);
+    const double a = static_cast<double>(w[c]) * rs;
     coef[c * 2] = static_cast<T>(a);
     coef[c * 2 + 1] = static_cast<T>(static_cast<double>(b[c]) - ms * a);
     const double mean = ms + static_cast<double>(x[c * HW]);
+    mean_out[c] = static_cast<T>(mean);
+    rstd_out[c] = static_cast<T>(rs);
     rm[c] = static_cast<T>((1.0 - momentum) * static_cast<double>(rm[c]) + momentum * mean);
     rv[c] = static_cast<T>((1.0 - momentum) * static_cast<double>(rv[c]) + momentum * var * cnt / (cnt - 1.0));
   }
@@ -242,49 +246,42 @@ void bn_fwd_k(const T* x, const T* w, const T* b, T* y, T* rm, T* rv, int64_t N,
   }
 }
 
-// BatchNorm's backward in training mode, NCHW: the batch statistics recomputed from x together with the sums of
-// dy and dy * (x - k) (bn_plane_sums, as in bn_fwd_k); dbeta = sum dy, dgamma = sum dy * xhat, and a second pass
-// in memory order writes dx = w * rstd * (dy - dbeta / n - xhat * dgamma / n), xhat = (x - mean) * rstd.
-
+// BatchNorm's backward in training mode, NCHW, from the forward's batch mean and rstd: per-plane sums of dy and
+// dy * (x - mean) (bn_plane_sums, memory order), dbeta = sum dy, dgamma = rstd * sum dy * (x - mean), and a second
+// pass in memory order writes dx = w * rstd * (dy - dbeta / n - xhat * dgamma / n), xhat = (x - mean) * rstd.
 template <typename T>
-void bn_bwd_k(const T* x, const T* w, const T* dy, T* dx, T* dw, T* db, int64_t N, int64_t C, int64_t HW, double eps) {
+void bn_bwd_k(const T* x, const T* w, const T* mean, const T* rstd, const T* dy, T* dx, T* dw, T* db, int64_t N,
+              int64_t C, int64_t HW) {
   const int64_t P = N * C;
   std::vector<double> part(static_cast<size_t>(P) * 4);
 #pragma omp parallel for schedule(static)
-  for (int64_t p = 0; p < P; ++p)
-    bn_plane_sums<T>(x + p * HW, dy + p * HW, HW, x[(p % C) * HW], part.data() + p * 4);
+  for (int64_t p = 0; p < P; ++p) bn_plane_sums<T>(x + p * HW, dy + p * HW, HW, mean[p % C], part.data() + p * 4);
   const double cnt = static_cast<double>(N * HW);
   std::vector<T> coef(static_cast<size_t>(C) * 3);
   for (int64_t c = 0; c < C; ++c) {
-    double sx = 0, sxx = 0, sd = 0, sdx = 0;
+    double sd = 0, sdx = 0;
     for (int64_t n = 0; n < N; ++n) {
-      const double* q = part.data() + (n * C + c) * 4;
-      sx += q[0];
-      sxx += q[1];
-      sd += q[2];
-      sdx += q[3];
+      sd += part[(n * C + c) * 4 + 2];
+      sdx += part[(n * C + c) * 4 + 3];
     }
-    const double ms = sx / cnt;  // mean - k
-    const double var = std::max(sxx / cnt - ms * ms, 0.0);
-    const double rs = 1.0 / std::sqrt(var + eps);
-    const double dgam = (sdx - ms * sd) * rs;
+    const double rs = static_cast<double>(rstd[c]), dgam = sdx * rs;
     dw[c] = static_cast<T>(dgam);
     db[c] = static_cast<T>(sd);
-    // dx = a1 * dy + a2 * (x - k) + a3
+    // dx = a1 * dy + a2 * (x - mean) + a3
     const double wr = static_cast<double>(w[c]) * rs;
     coef[c * 3] = static_cast<T>(wr);
     coef[c * 3 + 1] = static_cast<T>(-wr * rs * dgam / cnt);
-    coef[c * 3 + 2] = static_cast<T>(-wr * sd / cnt + wr * rs * dgam / cnt * ms);
+    coef[c * 3 + 2] = static_cast<T>(-wr * sd / cnt);
   }
 #pragma omp parallel for schedule(static)
   for (int64_t p = 0; p < P; ++p) {
     const int64_t c = p % C;
-    const T kt = x[c * HW], a1 = coef[c * 3], a2 = coef[c * 3 + 1], a3 = coef[c * 3 + 2];
+    const T m = mean[c], a1 = coef[c * 3], a2 = coef[c * 3 + 1], a3 = coef[c * 3 + 2];
     const T* xp = x + p * HW;
     const T* gp = dy + p * HW;
     T* op = dx + p * HW;
 #pragma omp simd
-    for (int64_t i = 0; i < HW; ++i) op[i] = a1 * gp[i] + a2 * (xp[i] - kt) + a3;
+    for (int64_t i = 0; i < HW; ++i) op[i] = a1 * gp[i] + a2 * (xp[i] - m) + a3;
   }
 }
 
