@@ -351,7 +351,8 @@ std::vector<paddle::Tensor> ReluBackward(const paddle::Tensor& y, const paddle::
 
 // ---------------------------------------------------------------------------------------------------------
 // LayerNorm over the last axis: y = (x - mean) * rstd * w + b, rstd = 1 / sqrt(var + eps) (biased var).
-// Statistics are accumulated in double for both dtypes; mean and rstd are kept (in T) for the backward.
+// Statistics in T (two passes: the mean, then the squared deviations from it); mean and rstd are kept (in T) for the
+// backward.
 
 std::vector<paddle::Tensor> LayerNormForward(const paddle::Tensor& x, const paddle::Tensor& w,
                                              const paddle::Tensor& b, double eps) {

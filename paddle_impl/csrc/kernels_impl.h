@@ -298,24 +298,25 @@ void ln_fwd_k(const T* x, const T* w, const T* b, T* y, T* mean, T* rstd, int64_
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * C;
     T* yr = y + r * C;
-    double s = 0;
+    T s = 0;
 #pragma omp simd reduction(+ : s)
-    for (int64_t c = 0; c < C; ++c) s += static_cast<double>(xr[c]);
-    const double mu = s / static_cast<double>(C);
-    double v = 0;
+    for (int64_t c = 0; c < C; ++c) s += xr[c];
+    const T m_t = s / static_cast<T>(C);
+    T v = 0;
 #pragma omp simd reduction(+ : v)
     for (int64_t c = 0; c < C; ++c) {
-      const double d = static_cast<double>(xr[c]) - mu;
+      const T d = xr[c] - m_t;
       v += d * d;
     }
-    const double rs = 1.0 / std::sqrt(v / static_cast<double>(C) + eps);
-    const T m_t = static_cast<T>(mu), rs_t = static_cast<T>(rs);
+    const T rs_t = static_cast<T>(1.0 / std::sqrt(static_cast<double>(v) / static_cast<double>(C) + eps));
     mean[r] = m_t;
     rstd[r] = rs_t;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - m_t) * rs_t * w[c] + b[c];
   }
 }
+
+constexpr int64_t kLnFlush = 32;
 
 template <typename T>
 void ln_bwd_k(const T* x, const T* w, const T* mean, const T* rstd, const T* dy, T* dx, T* dw, T* db,
@@ -324,7 +325,8 @@ void ln_bwd_k(const T* x, const T* w, const T* mean, const T* rstd, const T* dy,
 #ifdef _OPENMP
   nthreads = omp_get_max_threads();
 #endif
-  // per-thread partial sums of dw and db (double), added up in thread order afterwards
+  // per-thread partial sums of dw and db: in T over up to kLnFlush rows, then into double; added up in thread
+  // order afterwards. The row sums of dy * w and dy * w * xhat in T (C terms).
   std::vector<double> part(static_cast<size_t>(nthreads) * 2 * C, 0.0);
 #pragma omp parallel num_threads(nthreads)
   {
@@ -334,30 +336,45 @@ void ln_bwd_k(const T* x, const T* w, const T* mean, const T* rstd, const T* dy,
 #endif
     double* pw = part.data() + static_cast<size_t>(tid) * 2 * C;
     double* pb = pw + C;
+    std::vector<T> acc(static_cast<size_t>(2 * C), T(0));
+    T* aw = acc.data();
+    T* ab = aw + C;
+    int64_t pending = 0;
+    auto flush = [&]() {
+      for (int64_t c = 0; c < C; ++c) {
+        pw[c] += static_cast<double>(aw[c]);
+        pb[c] += static_cast<double>(ab[c]);
+        aw[c] = T(0);
+        ab[c] = T(0);
+      }
+      pending = 0;
+    };
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const T* xr = x + r * C;
       const T* gr = dy + r * C;
       T* dr = dx + r * C;
       const T m = mean[r], rs = rstd[r];
-      double sg = 0, sgx = 0;
+      T sg = 0, sgx = 0;
 #pragma omp simd reduction(+ : sg, sgx)
       for (int64_t c = 0; c < C; ++c) {
         const T xh = (xr[c] - m) * rs;
         const T g = gr[c] * w[c];
-        sg += static_cast<double>(g);
-        sgx += static_cast<double>(g * xh);
-        pw[c] += static_cast<double>(gr[c] * xh);
-        pb[c] += static_cast<double>(gr[c]);
+        sg += g;
+        sgx += g * xh;
+        aw[c] += gr[c] * xh;
+        ab[c] += gr[c];
       }
-      const T mg = static_cast<T>(sg / static_cast<double>(C));
-      const T mgx = static_cast<T>(sgx / static_cast<double>(C));
+      const T mg = sg / static_cast<T>(C);
+      const T mgx = sgx / static_cast<T>(C);
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const T xh = (xr[c] - m) * rs;
         dr[c] = rs * (gr[c] * w[c] - mg - xh * mgx);
       }
+      if (++pending == kLnFlush) flush();
     }
+    flush();
   }
   for (int64_t c = 0; c < C; ++c) {
     double sw = 0, sb = 0;
