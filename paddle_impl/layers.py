@@ -50,6 +50,13 @@ def _bn_kernel(x, running_mean, running_var, weight, bias, momentum, epsilon, da
 _KERNEL_STORES_UNBIASED = {}
 
 
+def _require_two_values(n, shape):
+    """BN's batch statistics need more than one value per channel (torch refuses the same)."""
+    if n < 2:
+        raise ValueError(f'BatchNorm in training mode needs more than one value per channel, got input '
+                         f'{[int(d) for d in shape]}')
+
+
 def kernel_stores_unbiased(x, stat_dtype, data_format='NCHW', kernel=None, world=1):
     """Does Paddle's BN kernel, for an input like ``x`` (place, dtype, shape, layout) and running statistics
     of ``stat_dtype``, update the running variance with the UNBIASED batch variance (divide by n - 1)?
@@ -69,8 +76,7 @@ def kernel_stores_unbiased(x, stat_dtype, data_format='NCHW', kernel=None, world
     ch_axis = 1 if data_format.startswith('NC') else len(shape) - 1
     c = shape[ch_axis]
     n = reduce_count(x)
-    if n < 2:
-        raise ValueError(f'BatchNorm in training mode needs more than one value per channel, got input {shape}')
+    _require_two_values(n, shape)
     pattern = np.zeros(n, dtype=np.float32)
     pattern[0], pattern[1] = 1.0, -1.0
     one_ch = shape[:ch_axis] + [1] + shape[ch_axis + 1:]
@@ -110,35 +116,17 @@ def restore_torch_running_stats(bn, old_mean, old_var, n, unbiased_stored):
         bn._variance.set_value((1.0 - mom) * old_var + mom * batch_var)
 
 
-class _BatchNormK(PyLayer):
-    """BN in training mode in our multi-threaded kernels (Paddle's run on one thread; in a ResNet-50 step on a
-    2-core Intel Xeon its backward took 2.1 ms per call against torch's 1.3 ms): forward moco_batch_norm_ (y, the
-    batch mean and rstd kept for the backward, and torch's running-statistics update, in one call), backward
-    moco_batch_norm_backward (dx, dweight, dbias in two passes). float32 NCHW only (_bn_k_applies)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, bn):
-        x = cpu_kernels.contiguous(x)
-        y, mean, rstd = _bn_forward_k(x, bn)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.needs = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensor()
-        grads = cpu_kernels.get().moco_batch_norm_backward(x, weight, mean, rstd, cpu_kernels.contiguous(dy))
-        return tuple(g if need else None for g, need in zip(grads, ctx.needs))
-
-
 def _bn_forward_k(x, bn):
-    """[y, batch mean, batch rstd]; bn's running statistics updated in place."""
+    """[y, batch mean, batch rstd] of BN in training mode (our moco_batch_norm_; float32 NCHW only, see
+    _bn_k_applies); bn's running statistics updated in place as torch does, in the same call. Paddle's BN
+    kernels run on one thread (in a ResNet-50 step on a 2-core Intel Xeon its backward took 2.1 ms per call
+    against torch's 1.3 ms); the backward is moco_batch_norm_backward, through norm_k."""
     return cpu_kernels.get().moco_batch_norm_(x, bn.weight, bn.bias, bn._mean, bn._variance, float(bn._epsilon),
                                               float(bn._torch_momentum))[:3]
 
 
 def _bn_k_applies(bn, x):
-    """_BatchNormK / _bn_forward_k for this training-mode call: CPU float32, 4-D NCHW, affine, torch's momentum
+    """_bn_forward_k (through norm_k) for this training-mode call: CPU float32, 4-D NCHW, affine, torch's momentum
     known, running statistics in float32, our kernels and fast layers on."""
     return (x.ndim == 4 and bn._data_format == 'NCHW' and x.dtype == paddle.float32 and bn.weight is not None
             and bn.bias is not None and hasattr(bn, '_torch_momentum') and bn._mean.dtype == paddle.float32
@@ -168,12 +156,8 @@ class _UnbiasedVarMixin:
         self._check_input_dim(x)
         n = self._reduce_count(x)
         if _bn_k_applies(self, x):
-            if n < 2:
-                raise ValueError(f'BatchNorm in training mode needs more than one value per channel, got input '
-                                 f'{[int(d) for d in x.shape]}')
-            if _needs_grad(x, self.weight, self.bias):
-                return _BatchNormK.apply(x, self.weight, self.bias, self)
-            return _bn_forward_k(cpu_kernels.contiguous(x), self)[0]
+            _require_two_values(n, x.shape)
+            return norm_k(x, self.weight, self.bias, lambda xc: _bn_forward_k(xc, self), 'moco_batch_norm_backward')
         unbiased_stored = kernel_stores_unbiased(x, self._variance.dtype, self._data_format)
         old_mean, old_var = self._mean.clone(), self._variance.clone()
         y = _bn_kernel(x, self._mean, self._variance, self.weight, self.bias, self._momentum, self._epsilon,
@@ -732,28 +716,39 @@ def relu_(x):
     return F.relu_(x)
 
 
-class _LayerNormK(PyLayer):
+class _NormK(PyLayer):
+    """A normalisation in our kernels (LayerNorm, BatchNorm): ``forward_k(x)`` gives [y, mean, rstd] (and may
+    update running statistics); the kernel op named ``backward_op`` takes (x, weight, mean, rstd, dy) and gives
+    [dx, dweight, dbias]."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, epsilon):
+    def forward(ctx, x, weight, bias, forward_k, backward_op):
         x = cpu_kernels.contiguous(x)
-        y, mean, rstd = cpu_kernels.get().moco_layer_norm(x, weight, bias, epsilon)
+        y, mean, rstd = forward_k(x)
         ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.backward_op = backward_op
         ctx.needs = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensor()
-        dx, dw, db = cpu_kernels.get().moco_layer_norm_grad_k(x, weight, mean, rstd, cpu_kernels.contiguous(dy))
-        need_x, need_w, need_b = ctx.needs
-        return dx if need_x else None, dw if need_w else None, db if need_b else None
+        grads = getattr(cpu_kernels.get(), ctx.backward_op)(x, weight, mean, rstd, cpu_kernels.contiguous(dy))
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs))
+
+
+def norm_k(x, weight, bias, forward_k, backward_op):
+    """y of _NormK: through the PyLayer where a gradient is needed, else the forward kernel alone."""
+    if _needs_grad(x, weight, bias):
+        return _NormK.apply(x, weight, bias, forward_k, backward_op)
+    return forward_k(cpu_kernels.contiguous(x))[0]
 
 
 def layer_norm_k(x, weight, bias, epsilon):
     """LayerNorm over the last axis (biased variance, float64 epsilon) with our kernel."""
-    if _needs_grad(x, weight, bias):
-        return _LayerNormK.apply(x, weight, bias, float(epsilon))
-    return cpu_kernels.get().moco_layer_norm(cpu_kernels.contiguous(x), weight, bias, float(epsilon))[0]
+    epsilon = float(epsilon)
+    return norm_k(x, weight, bias, lambda xc: cpu_kernels.get().moco_layer_norm(xc, weight, bias, epsilon),
+                  'moco_layer_norm_grad_k')
 
 
 # The column matrix of one im2col GEMM is kept under this many bytes by splitting the batch into groups of

@@ -164,42 +164,36 @@ void gelu_bwd_k(const T* x, const T* dy, T* dx, int64_t n) {
   }
 }
 
-// Sums over blocks of kBnBlock values in T, added up in double: of (x - k) and (x - k)^2 (q[0], q[1]) and, with
-// dy, of dy and dy * (x - k) (q[2], q[3]), over one (n, c) plane of HW values.
+// Two sums over one (n, c) plane of HW values, in T over blocks of kBnBlock values and added up in double: without
+// dy, of a = x - k and a^2 (the forward's statistics); with dy, of dy and dy * a (the backward's).
 constexpr int64_t kBnBlock = 256;
 
 template <typename T>
 inline void bn_plane_sums(const T* xp, const T* gp, int64_t HW, T k, double* q) {
-  double sx = 0, sxx = 0, sd = 0, sdx = 0;
+  double s0 = 0, s1 = 0;
   for (int64_t i0 = 0; i0 < HW; i0 += kBnBlock) {
     const int64_t i1 = std::min(HW, i0 + kBnBlock);
-    T bx = 0, bxx = 0, bd = 0, bdx = 0;
+    T b0 = 0, b1 = 0;
     if (gp == nullptr) {
-#pragma omp simd reduction(+ : bx, bxx)
+#pragma omp simd reduction(+ : b0, b1)
       for (int64_t i = i0; i < i1; ++i) {
         const T a = xp[i] - k;
-        bx += a;
-        bxx += a * a;
+        b0 += a;
+        b1 += a * a;
       }
     } else {
-#pragma omp simd reduction(+ : bx, bxx, bd, bdx)
+#pragma omp simd reduction(+ : b0, b1)
       for (int64_t i = i0; i < i1; ++i) {
-        const T a = xp[i] - k, g = gp[i];
-        bx += a;
-        bxx += a * a;
-        bd += g;
-        bdx += g * a;
+        const T g = gp[i];
+        b0 += g;
+        b1 += g * (xp[i] - k);
       }
     }
-    sx += bx;
-    sxx += bxx;
-    sd += bd;
-    sdx += bdx;
+    s0 += b0;
+    s1 += b1;
   }
-  q[0] = sx;
-  q[1] = sxx;
-  q[2] = sd;
-  q[3] = sdx;
+  q[0] = s0;
+  q[1] = s1;
 }
 
 // BatchNorm in training mode, NCHW (x [N, C, HW]): batch statistics from per-plane sums (bn_plane_sums, planes in
@@ -211,17 +205,17 @@ template <typename T>
 void bn_fwd_k(const T* x, const T* w, const T* b, T* y, T* mean_out, T* rstd_out, T* rm, T* rv, int64_t N, int64_t C,
               int64_t HW, double eps, double momentum) {
   const int64_t P = N * C;
-  std::vector<double> part(static_cast<size_t>(P) * 4);
+  std::vector<double> part(static_cast<size_t>(P) * 2);
 #pragma omp parallel for schedule(static)
   for (int64_t p = 0; p < P; ++p)
-    bn_plane_sums<T>(x + p * HW, nullptr, HW, x[(p % C) * HW], part.data() + p * 4);
+    bn_plane_sums<T>(x + p * HW, nullptr, HW, x[(p % C) * HW], part.data() + p * 2);
   const double cnt = static_cast<double>(N * HW);
   std::vector<T> coef(static_cast<size_t>(C) * 2);
   for (int64_t c = 0; c < C; ++c) {
     double sx = 0, sxx = 0;
     for (int64_t n = 0; n < N; ++n) {
-      sx += part[(n * C + c) * 4];
-      sxx += part[(n * C + c) * 4 + 1];
+      sx += part[(n * C + c) * 2];
+      sxx += part[(n * C + c) * 2 + 1];
     }
     const double ms = sx / cnt;  // mean - k
     const double var = std::max(sxx / cnt - ms * ms, 0.0);
@@ -253,16 +247,16 @@ template <typename T>
 void bn_bwd_k(const T* x, const T* w, const T* mean, const T* rstd, const T* dy, T* dx, T* dw, T* db, int64_t N,
               int64_t C, int64_t HW) {
   const int64_t P = N * C;
-  std::vector<double> part(static_cast<size_t>(P) * 4);
+  std::vector<double> part(static_cast<size_t>(P) * 2);
 #pragma omp parallel for schedule(static)
-  for (int64_t p = 0; p < P; ++p) bn_plane_sums<T>(x + p * HW, dy + p * HW, HW, mean[p % C], part.data() + p * 4);
+  for (int64_t p = 0; p < P; ++p) bn_plane_sums<T>(x + p * HW, dy + p * HW, HW, mean[p % C], part.data() + p * 2);
   const double cnt = static_cast<double>(N * HW);
   std::vector<T> coef(static_cast<size_t>(C) * 3);
   for (int64_t c = 0; c < C; ++c) {
     double sd = 0, sdx = 0;
     for (int64_t n = 0; n < N; ++n) {
-      sd += part[(n * C + c) * 4 + 2];
-      sdx += part[(n * C + c) * 4 + 3];
+      sd += part[(n * C + c) * 2];
+      sdx += part[(n * C + c) * 2 + 1];
     }
     const double rs = static_cast<double>(rstd[c]), dgam = sdx * rs;
     dw[c] = static_cast<T>(dgam);
