@@ -1,6 +1,6 @@
-"""The ViT's memory-saving layers (paddle_impl/layers.py): attention_k and gelu_linear recompute, in the backward,
-the activation that autograd would otherwise keep from the forward (the [B, H, N, N] attention matrix; GELU's
-[B, N, 4C] output). Checked here: the same values and gradients as the plain Paddle composition (float64 and
+"""The ViT's memory-saving layers (paddle_impl/layers.py): attention_k recomputes, in the backward, the [B, H, N, N]
+attention matrix that autograd would otherwise keep from the forward; gelu_linear keeps GELU's output and slope
+instead of its input and output (as many [B, N, 4C] tensors as the plain composition, none evaluated again). Checked here: the same values and gradients as the plain Paddle composition (float64 and
 float32, gradients only for the inputs that need one), that those activations are really not kept (counted with
 Paddle's saved-tensor hooks, against the plain composition that does keep them), and that the ViT falls back to
 its plain module calls where something observes them (hooks, a replaced forward)."""
@@ -64,6 +64,12 @@ def test_gelu_linear_matches_plain(dtype):
     w.stop_gradient = b.stop_gradient = True
     (dh,) = paddle.grad(layers.gelu_linear(h, w, b), [h], _t(dy, False))
     assert _rel(dh.numpy(), grads_ref[0].numpy()) < TOL[dtype] * 10
+    # a frozen input (no slope kept): dW and db, the same as with everything trained
+    w.stop_gradient = b.stop_gradient = False
+    h.stop_gradient = True
+    dw, db = paddle.grad(layers.gelu_linear(h, w, b), [w, b], _t(dy, False))
+    assert _rel(dw.numpy(), grads_ref[1].numpy()) < TOL[dtype] * 10
+    assert _rel(db.numpy(), grads_ref[2].numpy()) < TOL[dtype] * 10
 
 
 def _saved_shapes(fn):
@@ -84,14 +90,14 @@ def _small_vit():
     return vits.vit_small(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=4, num_classes=0)
 
 
-def test_vit_keeps_neither_attention_nor_gelu_output():
+def test_vit_keeps_no_attention_matrix_and_no_more_mlp_activations():
     model = _small_vit()
     x = paddle.to_tensor(np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype('float32'))
     n = 1 + (32 // 8) ** 2
     attn_shape, hidden_shape = (3, 4, n, n), (3, n, 128)
     out, shapes = _saved_shapes(lambda: model(x))
     assert attn_shape not in shapes
-    assert shapes.count(hidden_shape) == 2  # fc1's output (GELU's input), one per block; not GELU's output
+    assert shapes.count(hidden_shape) == 4  # per block GELU's output (fc2's input) and slope; not fc1's output
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if not p.stop_gradient)
     # the measurement can fail: the plain composition of the same block keeps both

@@ -280,14 +280,26 @@ std::vector<paddle::Tensor> GeluForward(const paddle::Tensor& x) {
   return {y};
 }
 
-std::vector<paddle::Tensor> GeluBackward(const paddle::Tensor& x, const paddle::Tensor& dy) {
-  check_cpu(x, "moco_gelu_grad");
-  check_cpu(dy, "moco_gelu_grad");
-  auto dx = paddle::empty(x.shape(), x.dtype(), x.place());
-  PD_DISPATCH_FLOATING_TYPES(x.type(), "moco_gelu_grad", ([&] {
-    MOCO_ISA_CALL(gelu_bwd_k<data_t>, x.data<data_t>(), dy.data<data_t>(), dx.data<data_t>(), x.numel());
+std::vector<paddle::Tensor> GeluSlope(const paddle::Tensor& x) {
+  check_cpu(x, "moco_gelu_slope");
+  auto y = paddle::empty(x.shape(), x.dtype(), x.place());
+  auto d = paddle::empty(x.shape(), x.dtype(), x.place());
+  PD_DISPATCH_FLOATING_TYPES(x.type(), "moco_gelu_slope", ([&] {
+    MOCO_ISA_CALL(gelu_slope_k<data_t>, x.data<data_t>(), y.data<data_t>(), d.data<data_t>(), x.numel());
   }));
-  return {dx};
+  return {y, d};
+}
+
+// the elementwise product a * b (same shapes and dtype) on all threads: Paddle's CPU multiply runs on one
+std::vector<paddle::Tensor> Mul(const paddle::Tensor& a, const paddle::Tensor& b) {
+  check_cpu(a, "moco_mul");
+  check_cpu(b, "moco_mul");
+  PD_CHECK(a.shape() == b.shape() && a.dtype() == b.dtype(), "moco_mul: tensors differ");
+  auto out = paddle::empty(a.shape(), a.dtype(), a.place());
+  PD_DISPATCH_FLOATING_TYPES(a.type(), "moco_mul", ([&] {
+    MOCO_ISA_CALL(mul_k<data_t>, a.data<data_t>(), b.data<data_t>(), out.data<data_t>(), a.numel());
+  }));
+  return {out};
 }
 
 // BatchNorm (training, NCHW) forward: y from the batch statistics; the running mean and variance RM, RV updated in
@@ -900,10 +912,15 @@ PD_BUILD_OP(moco_gelu)
     .Outputs({"Out"})
     .SetKernelFn(PD_KERNEL(GeluForward));
 
-PD_BUILD_OP(moco_gelu_grad_k)
-    .Inputs({"X", "DY"})
-    .Outputs({"DX"})
-    .SetKernelFn(PD_KERNEL(GeluBackward));
+PD_BUILD_OP(moco_gelu_slope)
+    .Inputs({"X"})
+    .Outputs({"Out", "Slope"})
+    .SetKernelFn(PD_KERNEL(GeluSlope));
+
+PD_BUILD_OP(moco_mul)
+    .Inputs({"A", "B"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(Mul));
 
 PD_BUILD_OP(moco_batch_norm_)
     .Inputs({"X", "W", "B", "RM", "RV"})

@@ -151,8 +151,10 @@ void gelu_fwd_k(const T* x, T* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = x[i] * (T(0.5) + T(0.5) * erf_t<T>(x[i] * k));
 }
 
+// GELU and its slope in one pass: y = x Phi(x) (gelu_fwd_k's expression) and d = Phi(x) + x phi(x), the derivative,
+// so that a backward that kept d is one product, dx = dy * d (mul_k).
 template <typename T>
-void gelu_bwd_k(const T* x, const T* dy, T* dx, int64_t n) {
+void gelu_slope_k(const T* x, T* y, T* d, int64_t n) {
   const T k = static_cast<T>(kSqrt1_2);
   const T c = static_cast<T>(kInvSqrt2Pi);
 #pragma omp parallel for simd schedule(static)
@@ -160,8 +162,15 @@ void gelu_bwd_k(const T* x, const T* dy, T* dx, int64_t n) {
     const T v = x[i];
     const T cdf = T(0.5) + T(0.5) * erf_t<T>(v * k);
     const T pdf = c * exp_t<T>(T(-0.5) * v * v);
-    dx[i] = dy[i] * (cdf + v * pdf);
+    y[i] = v * cdf;
+    d[i] = cdf + v * pdf;
   }
+}
+
+template <typename T>
+void mul_k(const T* a, const T* b, T* out, int64_t n) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] * b[i];
 }
 
 // Two sums over one (n, c) plane of HW values, in T over blocks of kBnBlock values and added up in double: without
