@@ -27,6 +27,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <dlfcn.h>
@@ -268,6 +269,28 @@ std::vector<paddle::Tensor> BlasInit(const paddle::Tensor& x, const std::string&
   return {out};
 }
 
+// out = kernel(a, b) elementwise, for two contiguous CPU tensors of one size and dtype: the checks and the output
+// once; `call(a, b, out, n)` runs the kernel on the typed pointers.
+template <typename Call>
+std::vector<paddle::Tensor> binary_op(const paddle::Tensor& a, const paddle::Tensor& b, const char* what, Call call) {
+  check_cpu(a, what);
+  check_cpu(b, what);
+  PD_CHECK(a.numel() == b.numel() && a.dtype() == b.dtype(), what, ": tensors differ");
+  auto out = paddle::empty(a.shape(), a.dtype(), a.place());
+  PD_DISPATCH_FLOATING_TYPES(a.type(), what, ([&] {
+    call(a.data<data_t>(), b.data<data_t>(), out.data<data_t>(), a.numel());
+  }));
+  return {out};
+}
+
+// the elementwise product a * b on all threads (Paddle's CPU multiply runs on one)
+std::vector<paddle::Tensor> Mul(const paddle::Tensor& a, const paddle::Tensor& b) {
+  return binary_op(a, b, "moco_mul", [](auto* x, auto* y, auto* out, int64_t n) {
+    using T = std::remove_pointer_t<decltype(out)>;
+    MOCO_ISA_CALL(mul_k<T>, x, y, out, n);
+  });
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // exact GELU: x * Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2; derivative Phi(x) + x * phi(x)
 
@@ -288,18 +311,6 @@ std::vector<paddle::Tensor> GeluSlope(const paddle::Tensor& x) {
     MOCO_ISA_CALL(gelu_slope_k<data_t>, x.data<data_t>(), y.data<data_t>(), d.data<data_t>(), x.numel());
   }));
   return {y, d};
-}
-
-// the elementwise product a * b (same shapes and dtype) on all threads: Paddle's CPU multiply runs on one
-std::vector<paddle::Tensor> Mul(const paddle::Tensor& a, const paddle::Tensor& b) {
-  check_cpu(a, "moco_mul");
-  check_cpu(b, "moco_mul");
-  PD_CHECK(a.shape() == b.shape() && a.dtype() == b.dtype(), "moco_mul: tensors differ");
-  auto out = paddle::empty(a.shape(), a.dtype(), a.place());
-  PD_DISPATCH_FLOATING_TYPES(a.type(), "moco_mul", ([&] {
-    MOCO_ISA_CALL(mul_k<data_t>, a.data<data_t>(), b.data<data_t>(), out.data<data_t>(), a.numel());
-  }));
-  return {out};
 }
 
 // BatchNorm (training, NCHW) forward: y from the batch statistics; the running mean and variance RM, RV updated in
@@ -351,14 +362,10 @@ std::vector<paddle::Tensor> BatchNormBackward(const paddle::Tensor& x, const pad
 // ReLU's backward from its output (the forward is Paddle's in-place relu_)
 
 std::vector<paddle::Tensor> ReluBackward(const paddle::Tensor& y, const paddle::Tensor& dy) {
-  check_cpu(y, "moco_relu_backward");
-  check_cpu(dy, "moco_relu_backward");
-  PD_CHECK(y.numel() == dy.numel() && y.dtype() == dy.dtype(), "moco_relu_backward: tensors differ");
-  auto dx = paddle::empty(y.shape(), y.dtype(), y.place());
-  PD_DISPATCH_FLOATING_TYPES(y.type(), "moco_relu_backward", ([&] {
-    MOCO_ISA_CALL(relu_bwd_k<data_t>, y.data<data_t>(), dy.data<data_t>(), dx.data<data_t>(), y.numel());
-  }));
-  return {dx};
+  return binary_op(y, dy, "moco_relu_backward", [](auto* yp, auto* dyp, auto* dx, int64_t n) {
+    using T = std::remove_pointer_t<decltype(dx)>;
+    MOCO_ISA_CALL(relu_bwd_k<T>, yp, dyp, dx, n);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------
