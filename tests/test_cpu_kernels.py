@@ -417,3 +417,30 @@ def test_adamw_kernel(dtype, isa):
     with pytest.raises(Exception, match='beta powers'):
         _inplace(cpu_kernels.get().moco_adamw_, p0, p0, p0, p0, np.ones(2), np.ones(1), lr, beta1, beta2, eps, 0.1,
                  dtype=dtype)
+
+
+def test_paddle_grad_wrt_the_input_with_paddles_own_ops(monkeypatch):
+    """The documented way around the fast layers' limit (docs/training.md "Known limit"): with our kernels and
+    the fast layers off, paddle.grad of a ViT's output with respect to the image alone works and equals the
+    image's gradient from loss.backward() through the fast layers (float64)."""
+    from paddle_impl import vits
+    paddle.set_default_dtype('float64')
+    try:
+        paddle.seed(0)
+        model = vits.vit_small(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=4, num_classes=0)
+    finally:
+        paddle.set_default_dtype('float32')
+    x = paddle.to_tensor(np.random.default_rng(9).standard_normal((2, 3, 32, 32)), stop_gradient=False)
+    model(x).square().sum().backward()  # the fast layers (and our kernels, where built)
+    want = x.grad.numpy().copy()
+    monkeypatch.setitem(cpu_kernels._state, 'tried', True)
+    monkeypatch.setitem(cpu_kernels._state, 'module', None)
+    old = layers.set_fast_layers(False)
+    try:
+        (got,) = paddle.grad(model(x).square().sum(), [x])
+    finally:
+        layers.set_fast_layers(old)
+    assert np.abs(want).max() > 0
+    # two different float64 op sequences; the class token's variance ~1e-12 at init (LayerNorm, see
+    # layers.LayerNorm) amplifies their rounding to ~1e-10
+    assert _rel(got.numpy(), want) < 1e-9
