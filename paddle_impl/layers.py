@@ -539,8 +539,8 @@ class _GeluLinearK(PyLayer):
     where dh is needed, GELU's slope at h (``moco_gelu_slope``, computed in the forward's pass over h), so that
     dh = dg * slope is one product; h itself is not kept. The same two hidden-size tensors per block as torch's
     fc1 -> GELU -> fc2 keeps (its h and GELU(h)); the backward does not evaluate erf and exp again (measured,
-    ViT-S at batch 8 on a 2-core Intel Xeon: GELU recomputed + its gradient 4.1 ms per block and view, slope
-    kept: one 1 ms product)."""
+    ViT-S at batch 8 on a 2-core Intel Xeon, alternating with the recomputing version in one process: forward +
+    backward 1.2-1.7 ms less per block and view; docs/benchmarks.md "GELU's slope kept")."""
 
     @staticmethod
     def forward(ctx, h, weight, bias):
