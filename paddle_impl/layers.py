@@ -534,33 +534,6 @@ def softmax_scaled(x, scale):
     return _softmax_k(x, scale)
 
 
-class _GeluLinearK(PyLayer):
-    """fc2(GELU(h)) of a ViT MLP. Kept for the backward: GELU(h) (fc2's input, as the linear layer keeps it) and,
-    where dh is needed, GELU's slope at h (``moco_gelu_slope``, computed in the forward's pass over h), so that
-    dh = dg * slope is one product; h itself is not kept. The same two hidden-size tensors per block as torch's
-    fc1 -> GELU -> fc2 keeps (its h and GELU(h)); the backward does not evaluate erf and exp again (measured,
-    ViT-S at batch 8 on a 2-core Intel Xeon, alternating with the recomputing version in one process: forward +
-    backward 1.2-1.7 ms less per block and view; docs/benchmarks.md "GELU's slope kept")."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias):
-        h = cpu_kernels.contiguous(h)
-        ctx.needs = (not h.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
-        if ctx.needs[0]:
-            g, slope = cpu_kernels.get().moco_gelu_slope(h)
-        else:
-            g, slope = cpu_kernels.get().moco_gelu(h), None
-        ctx.save_for_backward(g, slope, weight)
-        return _addmm_linear(g, weight, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        g, slope, weight = ctx.saved_tensor()
-        dg, dw, db = _linear_grads(g, weight, dy, ctx.needs)
-        dh = cpu_kernels.get().moco_mul(cpu_kernels.contiguous(dg), slope) if dg is not None else None
-        return dh, dw, db
-
-
 def patch_conv_applies(conv, x):
     """``conv`` (an nn.Conv2D) on ``x`` is a patch projection that patch_embed_k computes: CPU float32/64 in eager
     mode with the fast layers on, kernel = stride, no padding, dilation 1, groups 1, NCHW, image sides divisible
@@ -601,14 +574,6 @@ def unobserved(*layers):
         if 'forward' in vars(m) or getattr(m, '_forward_pre_hooks', None) or getattr(m, '_forward_post_hooks', None):
             return False
     return True
-
-
-def gelu_linear(h, weight, bias):
-    """linear(gelu(h), weight, bias) (exact GELU). On CPU with our kernels, where a gradient is needed, GELU's
-    slope is kept from the forward instead of h (_GeluLinearK)."""
-    if bias is not None and cpu_kernels.usable(h) and _fast_cpu(h) and _needs_grad(h, weight, bias):
-        return _GeluLinearK.apply(h, weight, bias)
-    return linear(gelu(h), weight, bias)
 
 
 def _attention_probs(q, k, scale):
