@@ -11,7 +11,7 @@ before the other side starts.
 Settings. Both frameworks' workers get the environment paddle_impl decides for this machine
 (paddle_impl/machine.py: threads = cores, MKL's code path on AMD CPUs; torch's own MKL ignores that variable)
 and, per run, the same glibc malloc settings: 'tuned' (``paddle_impl.MALLOC_ENV``: freed memory is kept for
-reuse rather than unmapped) or glibc's 'default'. ``--allocator both`` (what `make bench` runs) measures the
+reuse rather than unmapped, glibc's tcache of small freed blocks off) or glibc's 'default'. ``--allocator both`` (what `make bench` runs) measures the
 steps under each, so every step item comes three ways:
   step_time_<model>                  identical settings, tuned malloc on both sides
   step_time_<model>_glibc_default    identical settings, glibc's defaults on both sides
@@ -564,7 +564,8 @@ def machine_info(framework=None, device='cpu'):
     info['cores'] = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     info['env'] = {k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'MKL_ENABLE_INSTRUCTIONS',
                                                   'OMP_WAIT_POLICY', 'KMP_BLOCKTIME', 'MALLOC_MMAP_MAX_',
-                                                  'MALLOC_TRIM_THRESHOLD_', 'MOCO_MALLOC_TUNE', 'MOCO_CPU_KERNELS',
+                                                  'MALLOC_TRIM_THRESHOLD_', 'GLIBC_TUNABLES', 'MOCO_MALLOC_TUNE',
+                                                  'MOCO_CPU_KERNELS',
                                                   'MOCO_CPU_ISA', 'MOCO_IMAGE_KERNELS', 'MOCO_ONEDNN_CONV',
                                                   'ATEN_CPU_CAPABILITY', 'DNNL_MAX_CPU_ISA', 'ONEDNN_MAX_CPU_ISA',
                                                   'LD_PRELOAD')}

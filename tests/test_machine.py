@@ -95,3 +95,70 @@ def test_cli_prints_what_it_decided():
     r = subprocess.run([sys.executable, '-m', 'paddle_impl.machine', '--make'], env=env, capture_output=True,
                        text=True, timeout=60, cwd=ROOT)
     assert r.stdout.split() == [line[len('export '):] for line in lines]
+
+
+def test_tcache_off_goes_with_the_malloc_tuning():
+    """glibc's tcache off (GLIBC_TUNABLES, read at program start) wherever the malloc tuning is on; a
+    GLIBC_TUNABLES the user set is kept; nothing where the tuning is off."""
+    d = machine.decide({}, INTEL_AMX, cores=2)
+    assert d['malloc_tune'] == machine.MALLOC_HELPS
+    if machine.MALLOC_HELPS:
+        assert d['start_env'] == {'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=0'}
+    d = machine.decide({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, INTEL_AMX, cores=2)
+    assert d['start_env'] == {}
+    if machine.MALLOC_HELPS:
+        assert d['kept']['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2'
+    for env in ({'MOCO_MALLOC_TUNE': '0'}, {'MALLOC_MMAP_MAX_': '0'}, {'MOCO_DEVICE': 'gpu'},
+                {'FLAGS_selected_gpus': '1'}):
+        assert machine.decide(env, AMD_AVX2, cores=2)['start_env'] == {}, env
+    # the value our own re-execution gave is ours, not the user's
+    d = machine.decide({'GLIBC_TUNABLES': machine.TCACHE_OFF, 'MOCO_MALLOC_REEXEC': '1'}, AMD_AVX2, cores=2)
+    assert 'GLIBC_TUNABLES' not in d['kept']
+
+
+def test_cli_entry_names_only_our_programs():
+    py = '/usr/bin/python3'
+    script = os.path.join(ROOT, 'paddle_impl', 'main_moco.py')
+    assert machine.cli_entry([py, '-m', 'paddle_impl.main_moco', 'data', '-a', 'vit_small']) == 'main_moco'
+    assert machine.cli_entry([py, '-u', '-X', 'faulthandler', '-m', 'paddle_impl.main_lincls']) == 'main_lincls'
+    assert machine.cli_entry([py, '-mpaddle_impl.main_finetune']) == 'main_finetune'
+    assert machine.cli_entry([py, '-u', script, '--epochs', '1']) == 'main_moco'  # paddle.distributed.launch
+    assert machine.cli_entry([py, '-m', 'paddle_impl.machine', '--json']) == 'machine'
+    for argv in ([py, '-m', 'pytest', 'tests'], [py, '-c', 'import paddle_impl'], [py, '-m', 'paddle_impl.models'],
+                 [py, '-m', 'bench.bench'], [py, '/tmp/main_moco.py'], [py, '-'], [py],
+                 [py, '-m', 'paddle.distributed.launch', script]):
+        assert machine.cli_entry(argv) is None, argv
+
+
+def _run_machine_json(env):
+    import json
+    r = subprocess.run([sys.executable, '-m', 'paddle_impl.machine', '--json'], env=env, capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_programs_start_again_with_tcache_off():
+    """A CPU run of one of our programs started without GLIBC_TUNABLES re-executes itself once with it (glibc
+    reads it only at start): the process then runs with the tcache off; MOCO_MALLOC_REEXEC=0 and
+    MOCO_MALLOC_TUNE=0 keep the process as started; the user's OMP_NUM_THREADS is not mistaken for ours."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ('GLIBC_TUNABLES', 'MOCO_MALLOC_REEXEC', 'MOCO_MALLOC_TUNE', 'OMP_NUM_THREADS')
+            and not k.startswith('MALLOC_')}
+    base.update(PYTHONPATH=ROOT)
+    j = _run_machine_json(base)
+    assert j['malloc_tune'] == machine.MALLOC_HELPS
+    assert j['tcache_off'] is machine.MALLOC_HELPS
+    if machine.MALLOC_HELPS:
+        assert j['start_env'] == {'GLIBC_TUNABLES': machine.TCACHE_OFF} and 'GLIBC_TUNABLES' not in j['kept']
+        assert j['set'].get('OMP_NUM_THREADS') == str(machine.usable_cores())  # decided, not "the user's"
+    assert _run_machine_json(dict(base, MOCO_MALLOC_REEXEC='0'))['tcache_off'] is False
+    j = _run_machine_json(dict(base, MOCO_MALLOC_TUNE='0'))
+    assert j['tcache_off'] is False and j['start_env'] == {}
+    # not one of our programs: no re-execution, but what it starts inherits the setting
+    code = ('import os, paddle_impl; from paddle_impl import machine; '
+            'print(machine.tcache_off_here(), os.environ.get("GLIBC_TUNABLES"))')
+    r = subprocess.run([sys.executable, '-c', code], env=base, capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    expect = f'False {machine.TCACHE_OFF}' if machine.MALLOC_HELPS else 'False None'
+    assert r.returncode == 0 and r.stdout.split('\n')[0] == expect, (r.stdout, r.stderr)
